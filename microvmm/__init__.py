@@ -1,0 +1,1 @@
+"""microvmm: a KVM micro-VMM with an integrated virtio-console."""
