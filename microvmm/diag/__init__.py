@@ -1,0 +1,1 @@
+"""Diagnostics: where a guest is and why it stopped (symbols, decoded instructions)."""

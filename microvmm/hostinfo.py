@@ -1,0 +1,87 @@
+"""What kind of KVM this is, and the workarounds an emulating host needs.
+
+Hardware KVM (vmx/svm) needs nothing here. A software hypervisor such as
+kvm_pvm emulates guest kernel code and fails on some instructions; the
+workarounds below are what made a stock Linux guest reach user space on such a
+host (see docs/host-kvm.md). They are applied visibly and can be turned off.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class HostKind(enum.Enum):
+    HARDWARE = "hardware"
+    EMULATING = "emulating"
+
+
+# CPU features whose instructions the emulating host cannot execute in guest
+# kernel mode, hidden from Linux so it never patches them in. erms and fsrm
+# are deliberately NOT here: without them Linux's memmove uses an unrolled
+# loop that this host mis-executes (it overran its buffer and corrupted the
+# direct-map page tables), while `rep movsb` works.
+EMULATING_HOST_CLEARCPUID = (
+    "xsave,xsaveopt,xsavec,xsaves,smap,smep,fsgsbase,pcid,invpcid,rdpid,umip,pku,"
+    "popcnt,rdrand,rdseed,bmi1,bmi2,adx,movbe,abm,clflushopt,clwb,avx,avx2,fma,f16c,"
+    "aes,pclmulqdq,sha_ni,sse4_1,sse4_2,ssse3,pni,misalignsse,3dnowprefetch,cx16,"
+    "x2apic,pdpe1gb"
+)
+
+
+@dataclass(frozen=True)
+class HostQuirks:
+    """Workarounds to apply for this host; all off on hardware KVM."""
+
+    kind: HostKind
+    reason: str
+    cmdline_additions: tuple[str, ...] = ()
+    #: Inject #BP when `int3` fails emulation (Linux's int3 self-test).
+    inject_bp_on_int3: bool = False
+    #: Step over `fwait` when it fails emulation (it only checks x87 exceptions).
+    skip_fwait: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def active(self) -> bool:
+        return self.kind is HostKind.EMULATING and (
+            bool(self.cmdline_additions) or self.inject_bp_on_int3 or self.skip_fwait)
+
+
+def detect_host_kind(sys_module: Path = Path("/sys/module"),
+                     cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[HostKind, str]:
+    if (sys_module / "kvm_pvm").exists():
+        return HostKind.EMULATING, "kvm_pvm (software KVM) is loaded"
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        flags = ""
+    if flags and " vmx" not in flags and " svm" not in flags:
+        return HostKind.EMULATING, "the CPU shows no vmx/svm flag"
+    return HostKind.HARDWARE, "hardware virtualization"
+
+
+def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks:
+    if kind is HostKind.HARDWARE or not enabled:
+        return HostQuirks(kind, reason)
+    return HostQuirks(
+        kind, reason,
+        cmdline_additions=(
+            "noxsave", "nogbpages", "mitigations=off", "tsc=reliable", "lpj=2000000",
+            f"clearcpuid={EMULATING_HOST_CLEARCPUID}",
+        ),
+        inject_bp_on_int3=True,
+        skip_fwait=True,
+    )
+
+
+def merge_cmdline(cmdline: str, additions: tuple[str, ...]) -> str:
+    """Append additions whose key the user did not set already."""
+    present = {token.split("=", 1)[0] for token in cmdline.split()}
+    extra = [token for token in additions if token.split("=", 1)[0] not in present]
+    return " ".join([cmdline.strip(), *extra]).strip()
