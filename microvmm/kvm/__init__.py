@@ -1,0 +1,63 @@
+"""Thin KVM bindings: /dev/kvm, VM and vCPU fds, and the kvm_run page.
+
+No VMM policy and no devices live here. Structures come from cffi (ABI mode,
+no compiler at run time); ioctl numbers are computed with ioctl_opt.
+"""
+
+from microvmm.kvm.constants import (
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_PIT_SPEAKER_DUMMY,
+    Cap,
+    ExitReason,
+    GuestDebugFlag,
+    InternalErrorSuberror,
+    IoDirection,
+    IoeventfdFlag,
+    Ioctl,
+    Irqchip,
+    IrqfdFlag,
+    IrqRoutingType,
+    MemFlag,
+    MpState,
+    SystemEvent,
+    VcpuEventValid,
+)
+from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError
+from microvmm.kvm.state import (
+    CpuidEntry,
+    DTable,
+    ExceptionEvent,
+    Fpu,
+    InterruptEvent,
+    NmiEvent,
+    Regs,
+    Segment,
+    SmiEvent,
+    Sregs,
+    VcpuEvents,
+)
+from microvmm.kvm.system import Kvm
+from microvmm.kvm.vcpu import (
+    DebugExit,
+    EmulationFailure,
+    FailEntry,
+    InternalError,
+    IoExit,
+    MmioExit,
+    SystemEventExit,
+    Vcpu,
+)
+from microvmm.kvm.vm import IrqchipRoute, MsiRoute, Vm
+
+__all__ = [
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY",
+    "Cap", "ExitReason", "GuestDebugFlag", "InternalErrorSuberror", "IoDirection",
+    "IoeventfdFlag", "Ioctl", "Irqchip", "IrqfdFlag", "IrqRoutingType", "MemFlag",
+    "MpState", "SystemEvent", "VcpuEventValid",
+    "KvmError", "KvmExitDataError", "KvmUnavailableError",
+    "CpuidEntry", "DTable", "ExceptionEvent", "Fpu", "InterruptEvent", "NmiEvent",
+    "Regs", "Segment", "SmiEvent", "Sregs", "VcpuEvents",
+    "Kvm", "Vm", "Vcpu", "IrqchipRoute", "MsiRoute",
+    "DebugExit", "EmulationFailure", "FailEntry", "InternalError", "IoExit", "MmioExit",
+    "SystemEventExit",
+]
