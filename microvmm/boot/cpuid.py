@@ -1,0 +1,106 @@
+"""Per-vCPU CPUID: KVM's supported entries with each vCPU's identity filled in.
+
+KVM_GET_SUPPORTED_CPUID describes what KVM can offer, not one CPU: the
+topology fields are the host's or zero. Each vCPU needs its own APIC id, and
+all vCPUs must agree on one topology. The topology presented is the simplest:
+one package of `num_vcpus` cores, one thread each, APIC id = vCPU index (the
+same ids the MP table lists).
+
+Changed, and nothing else:
+- leaf 0x1: EBX[31:24] initial APIC id, EBX[23:16] logical processors per
+  package, EDX bit 28 (HTT) iff more than one; ECX bit 31 hypervisor present.
+- leaf 0x4 (Intel cache topology), every subleaf: EAX[31:26] = addressable core
+  ids per package - 1 (the next power of two of num_vcpus, minus 1).
+- leaves 0xB and 0x1F (extended topology), when KVM offers them: subleaf 0 =
+  SMT level (1 thread), subleaf 1 = core level (num_vcpus), later subleaves
+  invalid; EDX = x2APIC id.
+- leaf 0x8000_0008 (AMD): ECX[7:0] = cores per package - 1.
+The KVM paravirt leaves 0x4000_0000.. pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Protocol
+
+
+class CpuidLike(Protocol):
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One struct kvm_cpuid_entry2 (padding omitted)."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+LEAF_FEATURES = 0x1
+LEAF_CACHE_PARAMS = 0x4
+LEAF_EXT_TOPOLOGY = 0xB
+LEAF_EXT_TOPOLOGY_V2 = 0x1F
+LEAF_AMD_SIZE_IDS = 0x8000_0008
+
+LEAF1_ECX_HYPERVISOR = 1 << 31
+LEAF1_EDX_HTT = 1 << 28
+
+TOPOLOGY_LEVEL_INVALID = 0
+TOPOLOGY_LEVEL_SMT = 1
+TOPOLOGY_LEVEL_CORE = 2
+
+
+def _apic_id_shift(count: int) -> int:
+    """Bits of APIC id needed to number `count` units (CPUID 0xB EAX[4:0])."""
+    return max(0, (count - 1).bit_length())
+
+
+def _topology_subleaf(entry: CpuidEntry, apic_id: int, num_vcpus: int) -> CpuidEntry:
+    if entry.index == 0:
+        eax, ebx, level = 0, 1, TOPOLOGY_LEVEL_SMT
+    elif entry.index == 1:
+        eax, ebx, level = _apic_id_shift(num_vcpus), num_vcpus, TOPOLOGY_LEVEL_CORE
+    else:
+        eax, ebx, level = 0, 0, TOPOLOGY_LEVEL_INVALID
+    return replace(entry, eax=eax, ebx=ebx, ecx=(level << 8) | (entry.index & 0xFF), edx=apic_id)
+
+
+def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) -> list[CpuidEntry]:
+    """The CPUID entries for vCPU `vcpu_index` of `num_vcpus`, derived from KVM's supported list.
+
+    Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes;
+    returns new CpuidEntry objects and leaves the input untouched.
+    """
+    if not 1 <= num_vcpus <= 255:
+        raise ValueError(f"{num_vcpus} vCPUs: APIC ids here are 8-bit (1..255 vCPUs)")
+    if not 0 <= vcpu_index < num_vcpus:
+        raise ValueError(f"vCPU index {vcpu_index} is outside 0..{num_vcpus - 1}")
+    apic_id = vcpu_index
+    result = []
+    for src in supported:
+        entry = CpuidEntry(function=src.function, index=src.index, flags=src.flags,
+                           eax=src.eax, ebx=src.ebx, ecx=src.ecx, edx=src.edx)
+        if entry.function == LEAF_FEATURES:
+            ebx = (entry.ebx & 0x0000_FFFF) | (num_vcpus << 16) | (apic_id << 24)
+            edx = entry.edx | LEAF1_EDX_HTT if num_vcpus > 1 else entry.edx & ~LEAF1_EDX_HTT
+            entry = replace(entry, ebx=ebx, ecx=entry.ecx | LEAF1_ECX_HYPERVISOR, edx=edx)
+        elif entry.function == LEAF_CACHE_PARAMS:
+            core_ids = min((1 << _apic_id_shift(num_vcpus)) - 1, 0x3F)  # 6-bit field
+            entry = replace(entry, eax=(entry.eax & 0x03FF_FFFF) | (core_ids << 26))
+        elif entry.function in (LEAF_EXT_TOPOLOGY, LEAF_EXT_TOPOLOGY_V2):
+            entry = _topology_subleaf(entry, apic_id, num_vcpus)
+        elif entry.function == LEAF_AMD_SIZE_IDS:
+            entry = replace(entry, ecx=(entry.ecx & ~0xFF) | (num_vcpus - 1))
+        result.append(entry)
+    return result

@@ -1,0 +1,154 @@
+"""Loading an uncompressed x86-64 ELF vmlinux, and telling kernel formats apart.
+
+The vmlinux linker script (arch/x86/kernel/vmlinux.lds.S) says
+ENTRY(phys_startup_64) on x86-64, so e_entry is the *physical* address of
+startup_64, and every PT_LOAD's p_paddr is its physical load address (the
+virtual addresses are in the kernel's high mapping). startup_64 takes the
+64-bit boot protocol: long mode, identity-mapped low memory, RSI = boot_params.
+Booting it skips the bzImage decompressor entirely (much faster on a software
+hypervisor).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from dataclasses import dataclass
+
+from . import layout
+from .bzimage import is_bzimage
+from .errors import ElfError, KernelFormatError
+
+logger = logging.getLogger(__name__)
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+EV_CURRENT = 1
+ET_EXEC = 2
+EM_X86_64 = 62
+PT_LOAD = 1
+
+# e_ident[16], e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags,
+# e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+# p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+_PHDR = struct.Struct("<IIQQQQQQ")
+
+
+class KernelFormat(str, enum.Enum):
+    BZIMAGE = "bzimage"
+    ELF = "elf"
+
+
+def detect_kernel_format(data: bytes | memoryview, source: str = "kernel") -> KernelFormat:
+    """Tell a bzImage from an ELF vmlinux by their magic numbers."""
+    if len(data) >= 4 and bytes(data[:4]) == ELF_MAGIC:
+        return KernelFormat.ELF
+    if is_bzimage(data):
+        return KernelFormat.BZIMAGE
+    head = bytes(data[:4])
+    raise KernelFormatError(
+        f"{source}: not a kernel this VMM can boot ({len(data)} bytes, starts with {head!r}): "
+        f"expected a bzImage (boot flag 0xAA55 at 0x1FE, 'HdrS' at 0x202) or an ELF vmlinux")
+
+
+@dataclass(frozen=True)
+class ElfSegment:
+    paddr: int
+    filesz: int
+    memsz: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class LoadedElf:
+    entry: int  # physical address of startup_64
+    segments: tuple[ElfSegment, ...]
+    kernel_start: int  # lowest p_paddr
+    kernel_end: int  # highest p_paddr + p_memsz
+
+
+def _parse_program_headers(data: memoryview, source: str) -> tuple[int, list[ElfSegment]]:
+    if len(data) < _EHDR.size:
+        raise ElfError(f"{source}: truncated ELF: {len(data)} bytes, shorter than the "
+                       f"{_EHDR.size}-byte ELF header")
+    (ident, e_type, e_machine, e_version, e_entry, e_phoff, _shoff, _flags, _ehsize,
+     e_phentsize, e_phnum, *_rest) = _EHDR.unpack_from(data, 0)
+    if ident[:4] != ELF_MAGIC:
+        raise ElfError(f"{source}: bad ELF magic {ident[:4]!r}")
+    if ident[4] != ELFCLASS64:
+        raise ElfError(f"{source}: not a 64-bit ELF (EI_CLASS {ident[4]}, expected 2)")
+    if ident[5] != ELFDATA2LSB:
+        raise ElfError(f"{source}: not a little-endian ELF (EI_DATA {ident[5]}, expected 1)")
+    if ident[6] != EV_CURRENT or e_version != EV_CURRENT:
+        raise ElfError(f"{source}: unknown ELF version {ident[6]}/{e_version}")
+    if e_machine != EM_X86_64:
+        raise ElfError(f"{source}: ELF machine {e_machine} is not x86-64 ({EM_X86_64})")
+    if e_type != ET_EXEC:
+        raise ElfError(f"{source}: ELF type {e_type} is not an executable (ET_EXEC): "
+                       f"expected a vmlinux")
+    if e_phnum == 0:
+        raise ElfError(f"{source}: ELF has no program headers")
+    if e_phentsize != _PHDR.size:
+        raise ElfError(f"{source}: ELF program header size {e_phentsize}, expected {_PHDR.size}")
+    if e_phoff + e_phnum * e_phentsize > len(data):
+        raise ElfError(f"{source}: truncated ELF: {e_phnum} program headers at {e_phoff:#x} "
+                       f"run past the end of the {len(data)}-byte file")
+    segments = []
+    for index in range(e_phnum):
+        (p_type, _pflags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz,
+         _align) = _PHDR.unpack_from(data, e_phoff + index * _PHDR.size)
+        if p_type != PT_LOAD:
+            continue
+        if p_filesz > p_memsz:
+            raise ElfError(f"{source}: segment {index}: p_filesz {p_filesz:#x} exceeds "
+                           f"p_memsz {p_memsz:#x}")
+        if p_offset + p_filesz > len(data):
+            raise ElfError(f"{source}: truncated ELF: segment {index} file data "
+                           f"{p_offset:#x}+{p_filesz:#x} runs past the end of the file")
+        segments.append(ElfSegment(paddr=p_paddr, filesz=p_filesz, memsz=p_memsz,
+                                   offset=p_offset))
+    if not segments:
+        raise ElfError(f"{source}: ELF has no PT_LOAD segments")
+    return e_entry, segments
+
+
+def load_elf_vmlinux(mem, data: bytes | memoryview, source: str = "vmlinux") -> LoadedElf:
+    """Copy each PT_LOAD segment of an x86-64 vmlinux to its p_paddr in guest memory.
+
+    `mem` is a microvmm.memory.GuestMemory. Bytes p_filesz..p_memsz (bss) are
+    zeroed. Every segment must lie in guest RAM at or above 1 MiB (below it
+    live the VMM's boot structures), and the entry point must be inside one.
+    """
+    view = memoryview(data)
+    entry, segments = _parse_program_headers(view, source)
+    for index, seg in enumerate(segments):
+        if seg.paddr < layout.HIGH_MEMORY_START:
+            raise ElfError(
+                f"{source}: segment {index} at physical {seg.paddr:#x} is below 1 MiB, where "
+                f"the VMM keeps boot_params, page tables and the MP table")
+        if not mem.contains(seg.paddr, seg.memsz):
+            raise ElfError(
+                f"{source}: segment {index} at physical {seg.paddr:#x}+{seg.memsz:#x} does not "
+                f"fit in guest RAM (which ends at {mem.end:#x}): give the guest more memory")
+    ordered = sorted(segments, key=lambda s: s.paddr)
+    for prev, cur in zip(ordered, ordered[1:]):
+        if cur.paddr < prev.paddr + prev.memsz:
+            raise ElfError(f"{source}: segments at {prev.paddr:#x} and {cur.paddr:#x} overlap")
+    if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
+        raise ElfError(
+            f"{source}: entry point {entry:#x} is not inside any PT_LOAD segment's physical "
+            f"range (is this an x86-64 vmlinux, whose e_entry is phys_startup_64?)")
+    for seg in segments:
+        mem.write(seg.paddr, view[seg.offset:seg.offset + seg.filesz])
+        if seg.memsz > seg.filesz:
+            mem.view(seg.paddr + seg.filesz, seg.memsz - seg.filesz)[:] = (
+                bytes(seg.memsz - seg.filesz))
+    kernel_start = ordered[0].paddr
+    kernel_end = max(s.paddr + s.memsz for s in segments)
+    logger.debug("%s: %d PT_LOAD segments in [%#x, %#x), entry %#x",
+                 source, len(segments), kernel_start, kernel_end, entry)
+    return LoadedElf(entry=entry, segments=tuple(segments), kernel_start=kernel_start,
+                     kernel_end=kernel_end)

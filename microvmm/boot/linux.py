@@ -1,0 +1,95 @@
+"""One call to prepare guest memory and the boot CPU state for a Linux kernel."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import layout
+from .bzimage import SetupHeader, load_bzimage
+from .elf import KernelFormat, detect_kernel_format, load_elf_vmlinux
+from .errors import BootError
+from .mptable import DEFAULT_CPU_FEATURES, DEFAULT_CPU_SIGNATURE, PciIrq, write_mptable
+from .paging import LongModeState, setup_long_mode
+from .params import (BootParams, E820Entry, build_e820_map, encode_cmdline, place_initrd,
+                     raw_setup_header, synthesize_setup_header)
+
+logger = logging.getLogger(__name__)
+
+# Used when a bzImage leaves initrd_addr_max 0 (protocols before 2.03).
+DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """What setup_linux_boot did: where everything went and how the BSP must start."""
+
+    kernel_format: KernelFormat
+    entry: int
+    cpu_state: LongModeState  # boot CPU (vCPU 0) registers at the 64-bit entry
+    kernel_load_addr: int
+    kernel_end: int  # end of the kernel's memory footprint
+    setup_header: SetupHeader  # the kernel's (or synthesized) header, before loader fields
+    boot_params_addr: int
+    cmdline_addr: int
+    cmdline: bytes  # without the terminating NUL
+    initrd_addr: int | None
+    initrd_size: int
+    mptable_addr: int
+    e820: tuple[E820Entry, ...]
+
+
+def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
+                     initrd: bytes | memoryview | None = None, num_cpus: int = 1,
+                     pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
+                     kernel_source: str = "kernel",
+                     cpu_signature: int = DEFAULT_CPU_SIGNATURE,
+                     cpu_features: int = DEFAULT_CPU_FEATURES) -> BootInfo:
+    """Load a bzImage or ELF vmlinux and write everything the 64-bit boot protocol needs.
+
+    `mem` is a GuestMemory whose RAM starts at guest address 0 (see
+    layout.guest_ram_layout). `kernel_source` names the kernel file in errors.
+    Raises a BootError subclass naming the problem.
+    """
+    if not mem.contains(0, layout.HIGH_MEMORY_START):
+        raise BootError("guest RAM must cover [0, 1 MiB) for the boot structures")
+    kernel_format = detect_kernel_format(kernel, kernel_source)
+    if kernel_format is KernelFormat.BZIMAGE:
+        loaded = load_bzimage(mem, kernel, kernel_source)
+        header, raw_header = loaded.header, raw_setup_header(kernel)
+        entry, load_addr, kernel_end = loaded.entry, loaded.load_addr, loaded.kernel_end
+    else:
+        elf = load_elf_vmlinux(mem, kernel, kernel_source)
+        header, raw_header = synthesize_setup_header(), b""
+        entry, load_addr, kernel_end = elf.entry, elf.kernel_start, elf.kernel_end
+
+    cmdline_bytes = encode_cmdline(cmdline, header.cmdline_size)
+    mem.write(layout.CMDLINE_ADDR, cmdline_bytes)
+
+    initrd_addr: int | None = None
+    initrd_size = 0
+    if initrd is not None:
+        initrd_size = len(initrd)
+        initrd_addr = place_initrd(mem.end, initrd_size,
+                                   header.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX, kernel_end)
+        mem.write(initrd_addr, initrd)
+
+    e820 = build_e820_map(mem.end)
+    params = BootParams(header=header, e820=e820, cmd_line_ptr=layout.CMDLINE_ADDR,
+                        ramdisk_image=initrd_addr or 0, ramdisk_size=initrd_size,
+                        raw_header=raw_header)
+    params.write(mem, layout.ZERO_PAGE_ADDR)
+    mptable_addr = write_mptable(mem, num_cpus, pci_irqs, cpu_signature, cpu_features)
+    cpu_state = setup_long_mode(mem, entry, layout.ZERO_PAGE_ADDR)
+    logger.info("%s: %s kernel at %#x (entry %#x), initrd %s, %d CPU(s), %d MiB RAM",
+                kernel_source, kernel_format.value, load_addr, entry,
+                f"{initrd_size} bytes at {initrd_addr:#x}" if initrd_addr is not None else "none",
+                num_cpus, mem.end // layout.MiB)
+    return BootInfo(
+        kernel_format=kernel_format, entry=entry, cpu_state=cpu_state,
+        kernel_load_addr=load_addr, kernel_end=kernel_end,
+        setup_header=header, boot_params_addr=layout.ZERO_PAGE_ADDR,
+        cmdline_addr=layout.CMDLINE_ADDR, cmdline=cmdline_bytes[:-1],
+        initrd_addr=initrd_addr, initrd_size=initrd_size,
+        mptable_addr=mptable_addr, e820=tuple(e820),
+    )
