@@ -149,7 +149,10 @@ class Sregs:
 @dataclass(slots=True)
 class Fpu:
     """x87/SSE state (struct kvm_fpu). The defaults are the reset state
-    (FCW 0x37f, MXCSR 0x1f80), so ``vcpu.set_fpu(Fpu())`` initialises the FPU."""
+    (FCW 0x37f, MXCSR 0x1f80), so ``vcpu.set_fpu(Fpu())`` initialises the FPU.
+
+    KVM_GET_FPU/KVM_SET_FPU do not transfer ``mxcsr`` (KVM ignores it and
+    reports 0); the kernel initialises a new vCPU's MXCSR to 0x1f80."""
 
     fpr: bytes = bytes(128)  # 8 registers x 16 bytes (FXSAVE layout)
     fcw: int = 0x37F

@@ -38,11 +38,11 @@ class Kvm:
             version = ioctl(self._fd, Ioctl.KVM_GET_API_VERSION)
         except KvmError as exc:
             # Not a KVM device at all (e.g. a wrong path).
-            os.close(self._fd)
+            self.close()
             raise KvmUnavailableError(path, exc.errno, KvmUnavailableError.MISSING_FIX,
                                       f"not a KVM device ({exc})") from exc
         if version != KVM_API_VERSION:
-            os.close(self._fd)
+            self.close()
             raise KvmUnavailableError(
                 path, errno.EPROTO, "use a kernel with the stable KVM API (version 12)",
                 f"KVM API version {version}, need {KVM_API_VERSION}")
