@@ -48,7 +48,7 @@ def detect_kernel_format(data: bytes | memoryview, source: str = "kernel") -> Ke
         return KernelFormat.ELF
     if is_bzimage(data):
         return KernelFormat.BZIMAGE
-    head = bytes(data[:4])
+    head = bytes(data[:8])
     raise KernelFormatError(
         f"{source}: not a kernel this VMM can boot ({len(data)} bytes, starts with {head!r}): "
         f"expected a bzImage (boot flag 0xAA55 at 0x1FE, 'HdrS' at 0x202) or an ELF vmlinux")
