@@ -3,7 +3,9 @@
 Linux's `reboot=k` path (the default on x86 when ACPI/EFI reboot is not
 available) polls the status port until the input buffer is empty, then writes
 0xFE ("pulse output line 0", wired to the CPU reset) to the command port. That
-is how a guest's `reboot -f` ends the VM: the model calls `reset_requested`.
+is how a guest's `reboot -f` ends the VM: the model calls `reset_requested` on
+every reset pulse (Linux pulses up to ten times before the VMM has stopped the
+vCPUs), so the callback must be idempotent. It is called without the device lock.
 Writing the output port (command 0xD1) with bit 0 clear resets the same way.
 
 No keyboard or mouse is attached and no IRQ is wired; a few controller commands

@@ -136,6 +136,37 @@ class Msr(enum.IntFlag):
 #: Modem status inputs when not in loopback: a connected peer.
 EXTERNAL_MODEM_STATUS = Msr.CTS | Msr.DSR | Msr.DCD
 
+# Plain-int copies of the flags used on the access path: IntFlag arithmetic
+# allocates enum objects and costs microseconds per register access.
+_FCR_CLEAR_RX = int(Fcr.CLEAR_RX)
+_FCR_ENABLE_FIFO = int(Fcr.ENABLE_FIFO)
+_FCR_TRIGGER_MASK = int(Fcr.TRIGGER_MASK)
+_IER_ALL = int(Ier.ALL)
+_IER_EDSSI = int(Ier.EDSSI)
+_IER_ELSI = int(Ier.ELSI)
+_IER_ERBFI = int(Ier.ERBFI)
+_IER_ETBEI = int(Ier.ETBEI)
+_LCR_DLAB = int(Lcr.DLAB)
+_LSR_DR = int(Lsr.DR)
+_LSR_OE = int(Lsr.OE)
+_LSR_TEMT = int(Lsr.TEMT)
+_LSR_THRE = int(Lsr.THRE)
+_MCR_ALL = int(Mcr.ALL)
+_MCR_DTR = int(Mcr.DTR)
+_MCR_LOOP = int(Mcr.LOOP)
+_MCR_OUT1 = int(Mcr.OUT1)
+_MCR_OUT2 = int(Mcr.OUT2)
+_MCR_RTS = int(Mcr.RTS)
+_MSR_CTS = int(Msr.CTS)
+_MSR_DCD = int(Msr.DCD)
+_MSR_DCTS = int(Msr.DCTS)
+_MSR_DDCD = int(Msr.DDCD)
+_MSR_DDSR = int(Msr.DDSR)
+_MSR_DSR = int(Msr.DSR)
+_MSR_RI = int(Msr.RI)
+_MSR_TERI = int(Msr.TERI)
+_EXTERNAL_MODEM_STATUS = int(EXTERNAL_MODEM_STATUS)
+
 # Precomputed one-byte bytes objects: the per-THR-write output path allocates nothing.
 _SINGLE_BYTES = tuple(bytes((i,)) for i in range(256))
 
@@ -214,15 +245,15 @@ class Serial16550A:
     # -- register model (lock held) ---------------------------------------
 
     def _host_room(self) -> int:
-        if self._mcr & Mcr.LOOP:
+        if self._mcr & _MCR_LOOP:
             return 0
         return self._rx_capacity() - len(self._rx)
 
     def _rx_capacity(self) -> int:
-        return RX_FIFO_SIZE if self._fcr & Fcr.ENABLE_FIFO else 1
+        return RX_FIFO_SIZE if self._fcr & _FCR_ENABLE_FIFO else 1
 
     def _dlab(self) -> bool:
-        return bool(self._lcr & Lcr.DLAB)
+        return bool(self._lcr & _LCR_DLAB)
 
     def _read_reg(self, offset: int) -> int:
         if offset == Reg.RBR_THR_DLL:
@@ -284,23 +315,23 @@ class Serial16550A:
         return value
 
     def _write_thr(self, value: int) -> None:
-        if self._mcr & Mcr.LOOP:
+        if self._mcr & _MCR_LOOP:
             # Loopback: the transmitter feeds the receiver, nothing leaves the UART.
             if len(self._rx) < self._rx_capacity():
                 self._rx.append(value)
             else:
-                self._lsr_errors |= Lsr.OE
+                self._lsr_errors |= _LSR_OE
         else:
             self._output(_SINGLE_BYTES[value])
         # THR is empty again at once: the empty event re-arms the interrupt.
-        self._thr_interrupt = bool(self._ier & Ier.ETBEI)
+        self._thr_interrupt = bool(self._ier & _IER_ETBEI)
         self._update_irq()
 
     def _write_ier(self, value: int) -> None:
         old = self._ier
-        self._ier = value & Ier.ALL
-        if self._ier & Ier.ETBEI:
-            if not old & Ier.ETBEI:
+        self._ier = value & _IER_ALL
+        if self._ier & _IER_ETBEI:
+            if not old & _IER_ETBEI:
                 # Enabling ETBEI while THR is empty (always, here) fires it.
                 self._thr_interrupt = True
         else:
@@ -308,10 +339,10 @@ class Serial16550A:
         self._update_irq()
 
     def _write_fcr(self, value: int) -> None:
-        clear_rx = bool(value & Fcr.CLEAR_RX)
-        if (value ^ self._fcr) & Fcr.ENABLE_FIFO:
+        clear_rx = bool(value & _FCR_CLEAR_RX)
+        if (value ^ self._fcr) & _FCR_ENABLE_FIFO:
             clear_rx = True  # toggling FIFO mode resets the FIFOs
-        self._fcr = value & (Fcr.ENABLE_FIFO | Fcr.TRIGGER_MASK)
+        self._fcr = value & (_FCR_ENABLE_FIFO | _FCR_TRIGGER_MASK)
         if clear_rx:
             self._rx.clear()
         # CLEAR_TX: the transmit FIFO is always empty here.
@@ -319,63 +350,63 @@ class Serial16550A:
 
     def _write_mcr(self, value: int) -> None:
         before = self._modem_status()
-        self._mcr = value & Mcr.ALL
+        self._mcr = value & _MCR_ALL
         after = self._modem_status()
         changed = before ^ after
         deltas = 0
-        if changed & Msr.CTS:
-            deltas |= Msr.DCTS
-        if changed & Msr.DSR:
-            deltas |= Msr.DDSR
-        if changed & Msr.DCD:
-            deltas |= Msr.DDCD
-        if before & Msr.RI and not after & Msr.RI:
-            deltas |= Msr.TERI  # trailing edge of RI only
+        if changed & _MSR_CTS:
+            deltas |= _MSR_DCTS
+        if changed & _MSR_DSR:
+            deltas |= _MSR_DDSR
+        if changed & _MSR_DCD:
+            deltas |= _MSR_DDCD
+        if before & _MSR_RI and not after & _MSR_RI:
+            deltas |= _MSR_TERI  # trailing edge of RI only
         self._msr_deltas |= deltas
         self._update_irq()
 
     def _modem_status(self) -> int:
-        if not self._mcr & Mcr.LOOP:
-            return int(EXTERNAL_MODEM_STATUS)
+        if not self._mcr & _MCR_LOOP:
+            return _EXTERNAL_MODEM_STATUS
         # Loopback wiring: DTR→DSR, RTS→CTS, OUT1→RI, OUT2→DCD.
         mcr = self._mcr
         status = 0
-        if mcr & Mcr.DTR:
-            status |= Msr.DSR
-        if mcr & Mcr.RTS:
-            status |= Msr.CTS
-        if mcr & Mcr.OUT1:
-            status |= Msr.RI
-        if mcr & Mcr.OUT2:
-            status |= Msr.DCD
+        if mcr & _MCR_DTR:
+            status |= _MSR_DSR
+        if mcr & _MCR_RTS:
+            status |= _MSR_CTS
+        if mcr & _MCR_OUT1:
+            status |= _MSR_RI
+        if mcr & _MCR_OUT2:
+            status |= _MSR_DCD
         return status
 
     def _lsr(self) -> int:
-        value = Lsr.THRE | Lsr.TEMT | self._lsr_errors
+        value = _LSR_THRE | _LSR_TEMT | self._lsr_errors
         if self._rx:
-            value |= Lsr.DR
+            value |= _LSR_DR
         return int(value)
 
     def _pending_interrupt(self) -> Iir:
         ier = self._ier
-        if ier & Ier.ELSI and self._lsr_errors:
+        if ier & _IER_ELSI and self._lsr_errors:
             return Iir.LINE_STATUS
-        if ier & Ier.ERBFI and self._rx:
-            if self._fcr & Fcr.ENABLE_FIFO:
-                trigger = RX_TRIGGER_LEVELS[(self._fcr & Fcr.TRIGGER_MASK) >> 6]
+        if ier & _IER_ERBFI and self._rx:
+            if self._fcr & _FCR_ENABLE_FIFO:
+                trigger = RX_TRIGGER_LEVELS[(self._fcr & _FCR_TRIGGER_MASK) >> 6]
                 if len(self._rx) < trigger:
                     return Iir.RX_TIMEOUT
             return Iir.RX_DATA
         if self._thr_interrupt:
             return Iir.THR_EMPTY
-        if ier & Ier.EDSSI and self._msr_deltas:
+        if ier & _IER_EDSSI and self._msr_deltas:
             return Iir.MODEM_STATUS
         return Iir.NO_INTERRUPT
 
     def _read_iir(self) -> int:
         source = self._pending_interrupt()
         value = int(source)
-        if self._fcr & Fcr.ENABLE_FIFO:
+        if self._fcr & _FCR_ENABLE_FIFO:
             value |= IIR_FIFO_ENABLED
         if source is Iir.THR_EMPTY:
             # Reading IIR while THRE is the reported source acknowledges it.
@@ -385,7 +416,7 @@ class Serial16550A:
 
     def _update_irq(self) -> None:
         level = self._pending_interrupt() is not Iir.NO_INTERRUPT
-        if self._gate_with_out2 and not self._mcr & Mcr.OUT2:
+        if self._gate_with_out2 and not self._mcr & _MCR_OUT2:
             level = False
         if level != self._irq_asserted:
             self._irq_asserted = level
