@@ -1,0 +1,97 @@
+"""setup_linux_boot: the one call the VMM makes, end to end over guest memory."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from boot_testimages import make_bzimage, make_elf, pm_kernel_bytes
+from microvmm.boot import (BootError, CmdlineError, InitrdError, KernelFormat, KernelFormatError,
+                           PciIrq, guest_ram_layout, setup_linux_boot)
+from microvmm.memory import GuestMemory
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def mem():
+    memory = GuestMemory(guest_ram_layout(64 * MiB))
+    yield memory
+    memory.close()
+
+
+def zero_page_u32(mem, offset):
+    return mem.read_u32(0x7000 + offset)
+
+
+def test_bzimage_boot_with_initrd(mem):
+    initrd = b"070701" + os.urandom(100_000)
+    info = setup_linux_boot(mem, make_bzimage(), "console=ttyS0 quiet", initrd, num_cpus=2,
+                            pci_irqs=[PciIrq(1, 1, 16)], kernel_source="bz")
+    assert info.kernel_format is KernelFormat.BZIMAGE
+    assert info.kernel_load_addr == 0x100_0000 and info.entry == 0x100_0200
+    assert info.cpu_state.rip == info.entry and info.cpu_state.rsi == 0x7000
+    assert mem.read(0x100_0000, 0x3000) == pm_kernel_bytes(0x3000)
+    # command line: pointer in the zero page, NUL-terminated text at that address
+    assert zero_page_u32(mem, 0x228) == info.cmdline_addr == 0x20000
+    assert mem.read(0x20000, 20) == b"console=ttyS0 quiet\0"
+    # initrd: at the top of RAM, page aligned, above the kernel footprint
+    assert info.initrd_addr == zero_page_u32(mem, 0x218)
+    assert info.initrd_size == zero_page_u32(mem, 0x21C) == len(initrd)
+    assert info.initrd_addr % 4096 == 0
+    assert info.initrd_addr >= info.kernel_end == 0x180_0000
+    assert 64 * MiB - 4096 < info.initrd_addr + len(initrd) <= 64 * MiB
+    assert mem.read(info.initrd_addr, len(initrd)) == initrd
+    # zero page: header from the image, e820 with 4 entries, loader id
+    assert mem.read(0x7000 + 0x202, 4) == b"HdrS"
+    assert mem.read(0x7000 + 0x210, 1) == b"\xff"
+    assert mem.read(0x7000 + 0x1E8, 1) == b"\x04"
+    assert struct.unpack("<QQI", mem.read(0x7000 + 0x2D0 + 3 * 20, 20)) == (
+        0x100000, 63 * MiB, 1)
+    assert mem.read(info.mptable_addr, 4) == b"_MP_"
+    # page tables are in place behind CR3
+    assert mem.read_u64(info.cpu_state.cr3) & ~0xFFF == 0xA000
+
+
+def test_elf_boot_without_initrd(mem):
+    text = b"\x90" * 0x2000
+    elf = make_elf([(0x100_0000, text, 0x2000), (0x100_2000, b"d" * 16, 0x1000)],
+                   entry=0x100_0000)
+    info = setup_linux_boot(mem, elf, "console=hvc0")
+    assert info.kernel_format is KernelFormat.ELF
+    assert info.entry == info.cpu_state.rip == 0x100_0000
+    assert info.initrd_addr is None and zero_page_u32(mem, 0x218) == 0
+    assert zero_page_u32(mem, 0x21C) == 0
+    assert mem.read(0x100_0000, 0x2000) == text
+    assert mem.read(0x7000 + 0x202, 4) == b"HdrS"
+    assert zero_page_u32(mem, 0x228) == 0x20000
+    assert mem.read(0x20000, 13) == b"console=hvc0\0"
+
+
+def test_elf_cmdline_limit_is_2048(mem):
+    elf = make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000)
+    setup_linux_boot(mem, elf, "a" * 2048)
+    with pytest.raises(CmdlineError, match=r"2049 bytes"):
+        setup_linux_boot(mem, elf, "a" * 2049)
+
+
+def test_bzimage_cmdline_limit_from_header(mem):
+    with pytest.raises(CmdlineError, match=r"limit of 255"):
+        setup_linux_boot(mem, make_bzimage(cmdline_size=255), "b" * 256)
+
+
+def test_initrd_too_large(mem):
+    with pytest.raises(InitrdError, match=r"does not fit"):
+        setup_linux_boot(mem, make_bzimage(), "", b"x" * (63 * MiB))
+
+
+def test_unknown_kernel_format(mem):
+    with pytest.raises(KernelFormatError, match=r"Image.gz: not a kernel"):
+        setup_linux_boot(mem, b"\x1f\x8b\x08" + bytes(4096), "", kernel_source="Image.gz")
+
+
+def test_all_errors_are_boot_errors():
+    for cls in (CmdlineError, InitrdError, KernelFormatError):
+        assert issubclass(cls, BootError)
