@@ -250,3 +250,212 @@ class DriverRing:
             self.set_used_event(self.last_used_idx)
         else:
             self.set_avail_flags(0)
+
+
+# ---------------------------------------------------------------------------
+# PCI side: config mechanism #1 and the legacy virtio register block
+
+VIRTIO_VENDOR = 0x1AF4
+MSI_NO_VECTOR = 0xFFFF
+MSI_ADDRESS_BASE = 0xFEE00000
+MSI_DATA_BASE = 0x40
+
+# Legacy register offsets (include/uapi/linux/virtio_pci.h), kept independent of the
+# implementation under test on purpose.
+REG_HOST_FEATURES = 0
+REG_GUEST_FEATURES = 4
+REG_QUEUE_PFN = 8
+REG_QUEUE_NUM = 12
+REG_QUEUE_SEL = 14
+REG_QUEUE_NOTIFY = 16
+REG_STATUS = 18
+REG_ISR = 19
+REG_MSI_CONFIG_VECTOR = 20
+REG_MSI_QUEUE_VECTOR = 22
+
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_NEEDS_RESET = 0x40
+
+F_INDIRECT_DESC = 1 << 28
+F_EVENT_IDX = 1 << 29
+
+
+class ConfigMechanism1:
+    """Guest-side config accesses through ports 0xCF8/0xCFC of a `PciBus`.
+
+    The bus is registered at 0xCF8, so its device offsets are port - 0xCF8.
+    """
+
+    def __init__(self, bus) -> None:
+        self.bus = bus
+
+    def _select(self, slot: int, func: int, offset: int) -> None:
+        self.bus.write(0, 4, 0x80000000 | (slot << 11) | (func << 8) | (offset & 0xFC))
+
+    def read(self, slot: int, func: int, offset: int, size: int) -> int:
+        self._select(slot, func, offset)
+        return self.bus.read(4 + (offset & 3), size)
+
+    def write(self, slot: int, func: int, offset: int, size: int, value: int) -> None:
+        self._select(slot, func, offset)
+        self.bus.write(4 + (offset & 3), size, value)
+
+
+class FakeLegacyPciDriver:
+    """Probes and drives one legacy virtio-pci function like Linux does."""
+
+    def __init__(self, bus, memory: GuestMemory, allocator: GuestAllocator,
+                 device_id: int | None = None, transport=None):
+        self.bus = bus
+        self.cfg = ConfigMechanism1(bus)
+        self.memory = memory
+        self.allocator = allocator
+        self.transport = transport  # only needed for the ioeventfd kick path
+        self.slot = self._find(device_id)
+        self.io_base = 0
+        self.msix_bar = 0
+        self.msix_cap = 0
+        self.msix_enabled = False
+        self.features = 0
+        self.rings: dict[int, DriverRing] = {}
+
+    def _find(self, device_id: int | None) -> int:
+        for slot in range(32):
+            ids = self.cfg.read(slot, 0, 0, 4)
+            if ids & 0xFFFF != VIRTIO_VENDOR:
+                continue
+            if device_id is None or ids >> 16 == device_id:
+                return slot
+        raise LookupError("no virtio function on the bus")
+
+    # config space ------------------------------------------------------------
+    def config_read(self, offset: int, size: int) -> int:
+        return self.cfg.read(self.slot, 0, offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self.cfg.write(self.slot, 0, offset, size, value)
+
+    def find_capability(self, cap_id: int) -> int:
+        pointer = self.config_read(0x34, 1)
+        for _ in range(48):
+            if pointer == 0:
+                break
+            if self.config_read(pointer, 1) == cap_id:
+                return pointer
+            pointer = self.config_read(pointer + 1, 1)
+        return 0
+
+    def enable(self) -> None:
+        """pci_enable_device + pci_set_master; read back BAR0/BAR1 like pci_iomap."""
+        bar0 = self.config_read(0x10, 4)
+        assert bar0 & 1, "BAR0 must be an I/O BAR"
+        self.io_base = bar0 & ~3
+        self.msix_bar = self.config_read(0x14, 4) & ~0xF
+        command = self.config_read(0x04, 2)
+        self.config_write(0x04, 2, command | 0x7)
+
+    # legacy registers ----------------------------------------------------------
+    def io_read(self, offset: int, size: int) -> int:
+        value = self.bus.io_read(self.io_base + offset, size)
+        assert value is not None, f"BAR0 offset {offset:#x} not decoded"
+        return value
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        assert self.bus.io_write(self.io_base + offset, size, value), f"BAR0 offset {offset:#x} not decoded"
+
+    @property
+    def status(self) -> int:
+        return self.io_read(REG_STATUS, 1)
+
+    def read_isr(self) -> int:
+        return self.io_read(REG_ISR, 1)
+
+    def device_config_offset(self) -> int:
+        return 24 if self.msix_enabled else 20
+
+    def read_device_config(self, offset: int, size: int = 1) -> int:
+        return self.io_read(self.device_config_offset() + offset, size)
+
+    def write_device_config(self, offset: int, size: int, value: int) -> None:
+        self.io_write(self.device_config_offset() + offset, size, value)
+
+    def reset(self) -> None:
+        self.io_write(REG_STATUS, 1, 0)
+        assert self.status == 0  # vp_legacy_get_status flushes the reset
+        self.rings.clear()
+
+    def negotiate(self, wanted: int) -> int:
+        """ACKNOWLEDGE, DRIVER, read host features, write the accepted subset."""
+        self.reset()
+        self.io_write(REG_STATUS, 1, STATUS_ACKNOWLEDGE)
+        self.io_write(REG_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        host = self.io_read(REG_HOST_FEATURES, 4)
+        self.features = host & wanted
+        self.io_write(REG_GUEST_FEATURES, 4, self.features)
+        return self.features
+
+    # MSI-X -------------------------------------------------------------------------
+    def enable_msix(self, num_vectors: int) -> None:
+        """pci_alloc_irq_vectors(MSIX): enable+maskall, program entries, unmask."""
+        cap = self.find_capability(0x11)
+        assert cap, "no MSI-X capability"
+        self.msix_cap = cap
+        control = self.config_read(cap + 2, 2)
+        assert (control & 0x7FF) + 1 >= num_vectors
+        table = self.config_read(cap + 4, 4)
+        assert table & 7 == 1, "table expected in BAR1"
+        table_base = self.msix_bar + (table & ~7)
+        self.config_write(cap + 2, 2, control | 0xC000)  # ENABLE | FUNCTION_MASK
+        for vector in range(num_vectors):
+            entry = table_base + 16 * vector
+            assert self.bus.mmio_write(entry, 4, MSI_ADDRESS_BASE)
+            assert self.bus.mmio_write(entry + 4, 4, 0)
+            assert self.bus.mmio_write(entry + 8, 4, MSI_DATA_BASE + vector)
+            assert self.bus.mmio_write(entry + 12, 4, 0)  # unmask
+        self.config_write(cap + 2, 2, (control | 0x8000) & ~0x4000)
+        self.msix_enabled = True
+
+    def msix_table_entry(self, vector: int) -> int:
+        table = self.config_read(self.msix_cap + 4, 4)
+        return self.msix_bar + (table & ~7) + 16 * vector
+
+    def set_config_vector(self, vector: int) -> int:
+        self.io_write(REG_MSI_CONFIG_VECTOR, 2, vector)
+        return self.io_read(REG_MSI_CONFIG_VECTOR, 2)
+
+    # queues --------------------------------------------------------------------------
+    def setup_queue(self, index: int, vector: int = MSI_NO_VECTOR) -> DriverRing:
+        """virtio_pci_legacy setup_vq."""
+        self.io_write(REG_QUEUE_SEL, 2, index)
+        size = self.io_read(REG_QUEUE_NUM, 2)
+        if size == 0 or self.io_read(REG_QUEUE_PFN, 4):
+            raise LookupError(f"queue {index} unavailable")
+        ring = DriverRing(self.memory, self.allocator, size,
+                          event_idx=bool(self.features & F_EVENT_IDX),
+                          indirect=bool(self.features & F_INDIRECT_DESC))
+        self.io_write(REG_QUEUE_PFN, 4, ring.pfn)
+        if self.msix_enabled and vector != MSI_NO_VECTOR:
+            self.io_write(REG_MSI_QUEUE_VECTOR, 2, vector)
+            if self.io_read(REG_MSI_QUEUE_VECTOR, 2) == MSI_NO_VECTOR:
+                raise RuntimeError(f"queue {index}: vector {vector} not accepted")
+        self.rings[index] = ring
+        return ring
+
+    def driver_ok(self) -> None:
+        self.io_write(REG_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK)
+
+    def kick(self, index: int, via_ioeventfd: bool = False, force: bool = False) -> bool:
+        """virtqueue_kick: notify if the device asked for it. Returns whether it kicked."""
+        if not self.rings[index].kick_prepare() and not force:
+            return False
+        if via_ioeventfd:
+            port = self.io_base + REG_QUEUE_NOTIFY
+            matches = [spec for spec in self.transport.notify_ioeventfds()
+                       if spec.port == port and spec.size == 2 and spec.datamatch == index]
+            assert len(matches) == 1, "no ioeventfd registered for this kick"
+            self.transport.queue_notify(matches[0].queue_index)
+        else:
+            self.io_write(REG_QUEUE_NOTIFY, 2, index)
+        return True
