@@ -95,3 +95,32 @@ def test_unknown_kernel_format(mem):
 def test_all_errors_are_boot_errors():
     for cls in (CmdlineError, InitrdError, KernelFormatError):
         assert issubclass(cls, BootError)
+
+
+IMAGES = "/work/main/images"
+
+
+@pytest.mark.parametrize("kernel_name", ["vmlinux", "bzImage"])
+@pytest.mark.skipif(not os.path.exists(f"{IMAGES}/initramfs.cpio"),
+                    reason=f"{IMAGES} not built yet")
+def test_real_kernel_and_initramfs(mem, kernel_name):
+    path = f"{IMAGES}/{kernel_name}"
+    with open(path, "rb") as f:
+        kernel = f.read()
+    with open(f"{IMAGES}/initramfs.cpio", "rb") as f:
+        initrd = f.read()
+    info = setup_linux_boot(mem, kernel, "console=ttyS0", initrd, kernel_source=path)
+    if kernel_name == "vmlinux":
+        # e_entry of an x86-64 vmlinux is phys_startup_64, per System.map
+        with open(f"{IMAGES}/System.map") as f:
+            symbols = {name: addr for addr, _, name in
+                       (line.split() for line in f) if name}
+        assert info.entry == int(symbols["phys_startup_64"], 16)
+        assert info.kernel_end == int(symbols["_end"], 16) - 0xFFFF_FFFF_8000_0000
+    else:
+        assert info.entry == info.kernel_load_addr + 0x200
+        # the image's setup header went into the zero page (version, init_size ...)
+        assert mem.read(0x7000 + 0x1F1, 0x1F) == kernel[0x1F1:0x210]
+        assert mem.read(0x7000 + 0x230, 0x3C) == kernel[0x230:0x26C]
+    assert info.initrd_addr >= info.kernel_end
+    assert mem.read(info.initrd_addr, 6) == b"070701"
