@@ -1,7 +1,7 @@
 """The cffi declarations and computed ioctl numbers match the system's <linux/kvm.h>.
 
 A C program is generated from the same tables the package uses
-(``_abi.IOCTLS``, ``_abi.CHECKED_FIELDS``, ``constants.HEADER_PREFIXES``),
+(``IOCTLS``, ``_abi.CHECKED_FIELDS``, ``constants.HEADER_PREFIXES``),
 compiled with the system compiler and run; every number it prints must equal
 what the package computes.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from microvmm.kvm import _abi, _build_ffi
 from microvmm.kvm._ffi import ffi
-from microvmm.kvm.constants import HEADER_PREFIXES, HEADER_SCALARS, Ioctl
+from microvmm.kvm.constants import HEADER_PREFIXES, HEADER_SCALARS, IOCTLS, Ioctl
 
 CC = shutil.which("gcc") or shutil.which("cc")
 
@@ -35,7 +35,7 @@ def _is_flexible_array(ctype) -> bool:
 def _expected() -> dict[str, int]:
     """Every number the package uses, keyed as the C program prints it."""
     values: dict[str, int] = {}
-    for name, *_ in _abi.IOCTLS:
+    for name, *_ in IOCTLS:
         values[name] = int(Ioctl[name])
     for struct, paths in _abi.CHECKED_FIELDS.items():
         values[f"sizeof {struct}"] = ffi.sizeof(struct)
@@ -104,7 +104,7 @@ def test_the_check_covers_every_ioctl_and_struct(header_values):
     # Guard against the tables silently shrinking: every Ioctl member is
     # checked, and so is every struct the ioctls pass.
     assert {m.name for m in Ioctl} <= set(header_values)
-    for _name, _direction, _nr, ctype in _abi.IOCTLS:
+    for _name, _direction, _nr, ctype in IOCTLS:
         if ctype is not None and ctype.startswith("struct "):
             assert f"sizeof {ctype}" in header_values
 

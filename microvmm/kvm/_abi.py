@@ -5,15 +5,14 @@ This module is the single source of truth for three consumers:
 * ``_build_ffi`` turns ``CDEF`` into the committed out-of-line cffi module
   ``_kvm_cffi.py`` (and ``_ffi`` falls back to parsing ``CDEF`` in-line if that
   module cannot be loaded);
-* ``constants`` computes the ioctl numbers from ``IOCTLS``;
-* ``tests/test_kvm_abi.py`` generates a C program from ``IOCTLS`` and
-  ``CHECKED_FIELDS`` and compares it with the system's <linux/kvm.h>.
+* ``tests/test_kvm_abi.py`` generates a C program from ``CHECKED_FIELDS``
+  (and ``constants.IOCTLS``) and compares it with the system's <linux/kvm.h>.
 
 Only x86-64 layouts are declared. Union members we never read (s390, PPC,
 RISC-V, Xen, Hyper-V exits) are left out: the ``padding`` members keep the
 union sizes right, and the ABI test proves it.
 
-Nothing here is imported on the hot start-up path except ``IOCTLS``.
+Nothing here is imported on the start-up path (when ``_kvm_cffi`` loads).
 """
 
 from __future__ import annotations
@@ -195,50 +194,6 @@ struct kvm_mp_state { uint32_t mp_state; };
 
 int ioctl(int fd, unsigned long request, ...);
 """
-
-# Direction letters as in the kernel macros: "" = _IO, "R" = _IOR,
-# "W" = _IOW, "WR" = _IOWR. The C type is the one the kernel's macro names
-# (its sizeof goes into the number); None for _IO.
-IOCTLS: tuple[tuple[str, str, int, str | None], ...] = (
-    # /dev/kvm
-    ("KVM_GET_API_VERSION", "", 0x00, None),
-    ("KVM_CREATE_VM", "", 0x01, None),
-    ("KVM_CHECK_EXTENSION", "", 0x03, None),
-    ("KVM_GET_VCPU_MMAP_SIZE", "", 0x04, None),
-    ("KVM_GET_SUPPORTED_CPUID", "WR", 0x05, "struct kvm_cpuid2"),
-    # VM
-    ("KVM_CREATE_VCPU", "", 0x41, None),
-    ("KVM_SET_USER_MEMORY_REGION", "W", 0x46, "struct kvm_userspace_memory_region"),
-    ("KVM_SET_TSS_ADDR", "", 0x47, None),
-    ("KVM_SET_IDENTITY_MAP_ADDR", "W", 0x48, "uint64_t"),
-    ("KVM_CREATE_IRQCHIP", "", 0x60, None),
-    ("KVM_IRQ_LINE", "W", 0x61, "struct kvm_irq_level"),
-    ("KVM_IRQ_LINE_STATUS", "WR", 0x67, "struct kvm_irq_level"),
-    ("KVM_SET_GSI_ROUTING", "W", 0x6A, "struct kvm_irq_routing"),
-    ("KVM_IRQFD", "W", 0x76, "struct kvm_irqfd"),
-    ("KVM_CREATE_PIT2", "W", 0x77, "struct kvm_pit_config"),
-    ("KVM_IOEVENTFD", "W", 0x79, "struct kvm_ioeventfd"),
-    ("KVM_SIGNAL_MSI", "W", 0xA5, "struct kvm_msi"),
-    # vCPU
-    ("KVM_RUN", "", 0x80, None),
-    ("KVM_GET_REGS", "R", 0x81, "struct kvm_regs"),
-    ("KVM_SET_REGS", "W", 0x82, "struct kvm_regs"),
-    ("KVM_GET_SREGS", "R", 0x83, "struct kvm_sregs"),
-    ("KVM_SET_SREGS", "W", 0x84, "struct kvm_sregs"),
-    ("KVM_TRANSLATE", "WR", 0x85, "struct kvm_translation"),
-    ("KVM_GET_MSRS", "WR", 0x88, "struct kvm_msrs"),
-    ("KVM_SET_MSRS", "W", 0x89, "struct kvm_msrs"),
-    ("KVM_GET_FPU", "R", 0x8C, "struct kvm_fpu"),
-    ("KVM_SET_FPU", "W", 0x8D, "struct kvm_fpu"),
-    ("KVM_GET_LAPIC", "R", 0x8E, "struct kvm_lapic_state"),
-    ("KVM_SET_LAPIC", "W", 0x8F, "struct kvm_lapic_state"),
-    ("KVM_SET_CPUID2", "W", 0x90, "struct kvm_cpuid2"),
-    ("KVM_GET_MP_STATE", "R", 0x98, "struct kvm_mp_state"),
-    ("KVM_SET_MP_STATE", "W", 0x99, "struct kvm_mp_state"),
-    ("KVM_SET_GUEST_DEBUG", "W", 0x9B, "struct kvm_guest_debug"),
-    ("KVM_GET_VCPU_EVENTS", "R", 0x9F, "struct kvm_vcpu_events"),
-    ("KVM_SET_VCPU_EVENTS", "W", 0xA0, "struct kvm_vcpu_events"),
-)
 
 # Every struct field the project reads or writes, as dotted paths (members of
 # anonymous unions are named directly, as in C). The ABI test checks offset and

@@ -241,10 +241,11 @@ class SmiEvent:
     latched_init: int = 0
 
 
-_EVENT_PARTS = (
-    ("exception", ExceptionEvent), ("interrupt", InterruptEvent),
-    ("nmi", NmiEvent), ("smi", SmiEvent),
-)
+# (kvm_vcpu_events member, dataclass, its field names)
+_EVENT_PARTS = tuple(
+    (name, cls, _names(cls))
+    for name, cls in (("exception", ExceptionEvent), ("interrupt", InterruptEvent),
+                      ("nmi", NmiEvent), ("smi", SmiEvent)))
 
 
 @dataclass(slots=True)
@@ -268,19 +269,19 @@ class VcpuEvents:
     @classmethod
     def from_c(cls, c) -> "VcpuEvents":
         parts = {}
-        for name, part_cls in _EVENT_PARTS:
+        for name, part_cls, part_fields in _EVENT_PARTS:
             src = getattr(c, name)
-            parts[name] = part_cls(*[getattr(src, f) for f in _names(part_cls)])
+            parts[name] = part_cls(*[getattr(src, f) for f in part_fields])
         return cls(sipi_vector=c.sipi_vector, flags=c.flags,
                    triple_fault_pending=c.triple_fault.pending,
                    exception_has_payload=c.exception_has_payload,
                    exception_payload=c.exception_payload, **parts)
 
     def to_c(self, c) -> None:
-        for name, part_cls in _EVENT_PARTS:
+        for name, _part_cls, part_fields in _EVENT_PARTS:
             dst = getattr(c, name)
             src = getattr(self, name)
-            for f in _names(part_cls):
+            for f in part_fields:
                 setattr(dst, f, getattr(src, f))
         c.sipi_vector = self.sipi_vector
         c.flags = self.flags

@@ -7,7 +7,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from microvmm.kvm._ffi import ffi, libc
 from microvmm.kvm._ioctl import ioctl
@@ -26,13 +26,13 @@ _KVM_RUN = int(Ioctl.KVM_RUN)
 _EXIT_INTR = int(ExitReason.INTR)
 _RUN_INTERRUPTED = (errno.EINTR, errno.EAGAIN)
 _MMIO_DATA_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "data")
+_KVM_RUN_SIZE = ffi.sizeof("struct kvm_run")
 _IO_SIZES = (1, 2, 4)
 _MAX_EXCEPTION_VECTOR = 31
 _MAX_DEBUGREGS = 8
 
 
-@dataclass(slots=True)
-class IoExit:
+class IoExit(NamedTuple):
     """KVM_EXIT_IO. ``data`` is a writable view of the shared page: for IN,
     fill it before the next run(); it holds ``size * count`` bytes."""
 
@@ -43,8 +43,7 @@ class IoExit:
     data: memoryview
 
 
-@dataclass(slots=True)
-class MmioExit:
+class MmioExit(NamedTuple):
     """KVM_EXIT_MMIO. ``data`` (``len`` bytes) is a writable view of
     kvm_run.mmio.data: for a read, fill it before the next run()."""
 
@@ -54,16 +53,14 @@ class MmioExit:
     is_write: bool
 
 
-@dataclass(slots=True, frozen=True)
-class InternalError:
+class InternalError(NamedTuple):
     """KVM_EXIT_INTERNAL_ERROR (kvm_run.internal)."""
 
     suberror: int  # InternalErrorSuberror
     data: tuple[int, ...]  # the first min(ndata, 16) words
 
 
-@dataclass(slots=True, frozen=True)
-class EmulationFailure:
+class EmulationFailure(NamedTuple):
     """KVM_EXIT_INTERNAL_ERROR with suberror EMULATION (kvm_run.emulation_failure).
     ``insn_bytes`` is None unless KVM reported the instruction bytes."""
 
@@ -72,24 +69,21 @@ class EmulationFailure:
     insn_bytes: bytes | None
 
 
-@dataclass(slots=True, frozen=True)
-class SystemEventExit:
+class SystemEventExit(NamedTuple):
     """KVM_EXIT_SYSTEM_EVENT."""
 
     type: int  # SystemEvent
     data: tuple[int, ...]
 
 
-@dataclass(slots=True, frozen=True)
-class FailEntry:
+class FailEntry(NamedTuple):
     """KVM_EXIT_FAIL_ENTRY."""
 
     hardware_entry_failure_reason: int
     cpu: int
 
 
-@dataclass(slots=True, frozen=True)
-class DebugExit:
+class DebugExit(NamedTuple):
     """KVM_EXIT_DEBUG (kvm_run.debug.arch)."""
 
     exception: int
@@ -140,7 +134,8 @@ class Vcpu:
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
         # Set from another thread or a signal handler to make the next (or
-        # the interrupted) KVM_RUN return at once with EINTR.
+        # the interrupted) KVM_RUN return at once with EINTR; KVM never clears
+        # it, so the caller clears it after run() returned INTR.
         self._run.immediate_exit = 1 if value else 0
 
     @property
@@ -171,7 +166,7 @@ class Vcpu:
         if size not in _IO_SIZES:
             raise KvmExitDataError(f"KVM_EXIT_IO with access size {size}")
         end = offset + size * count
-        if count == 0 or offset < ffi.sizeof("struct kvm_run") or end > self._mmap_size:
+        if count == 0 or offset < _KVM_RUN_SIZE or end > self._mmap_size:
             raise KvmExitDataError(
                 f"KVM_EXIT_IO data {offset:#x}+{size}x{count} outside the "
                 f"{self._mmap_size:#x}-byte kvm_run mapping")

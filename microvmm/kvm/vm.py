@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from microvmm.kvm._ffi import ffi
 from microvmm.kvm._ioctl import ioctl
@@ -26,8 +26,7 @@ _PAGE_SIZE = 4096
 _IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)  # 0 = any access width (no datamatch)
 
 
-@dataclass(frozen=True, slots=True)
-class IrqchipRoute:
+class IrqchipRoute(NamedTuple):
     """GSI -> in-kernel irqchip pin (Irqchip.PIC_MASTER/PIC_SLAVE/IOAPIC)."""
 
     gsi: int
@@ -35,8 +34,7 @@ class IrqchipRoute:
     pin: int
 
 
-@dataclass(frozen=True, slots=True)
-class MsiRoute:
+class MsiRoute(NamedTuple):
     """GSI -> MSI message (address split as in the MSI capability)."""
 
     gsi: int
@@ -84,6 +82,8 @@ class Vm:
             "slot": slot, "flags": int(flags), "guest_phys_addr": guest_addr,
             "memory_size": size, "userspace_addr": host_addr})
         ioctl(self.fileno(), Ioctl.KVM_SET_USER_MEMORY_REGION, region)
+        logger.debug("memory slot %d: guest %#x+%#x at host %#x flags %#x",
+                     slot, guest_addr, size, host_addr, flags)
 
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: 3 pages of guest-physical space KVM may use (Intel)."""
