@@ -8,8 +8,11 @@ what the package computes.
 
 from __future__ import annotations
 
+import json
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +129,20 @@ def test_committed_out_of_line_module_is_current():
 def test_out_of_line_module_is_the_one_in_use():
     from microvmm.kvm import _kvm_cffi
     assert ffi is _kvm_cffi.ffi
+
+
+def test_in_line_fallback_gives_the_same_layouts_and_numbers():
+    # If the committed module cannot be loaded, _ffi parses CDEF in-line;
+    # the ioctl numbers computed from it must be the same.
+    script = (
+        "import sys, json\n"
+        "sys.modules['microvmm.kvm._kvm_cffi'] = None  # makes its import fail\n"
+        "from microvmm.kvm import _ffi\n"
+        "from microvmm.kvm.constants import Ioctl\n"
+        "assert type(_ffi.ffi).__module__.startswith('cffi'), type(_ffi.ffi)\n"
+        "print(json.dumps({m.name: int(m) for m in Ioctl}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                            text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert json.loads(result.stdout) == {m.name: int(m) for m in Ioctl}
+    assert "parsing declarations in-line" in result.stderr
