@@ -137,12 +137,20 @@ def test_needs_notification_event_idx(memory):
     ring.set_used_event(2)
     chains = [queue.pop() for _ in range(3)]
     queue.add_used(chains[0].head, 0)
-    assert queue.needs_notification()  # the very first decision always signals
+    assert not queue.needs_notification()  # used idx 1, event 2 not yet passed
     queue.add_used(chains[1].head, 0)
     assert not queue.needs_notification()  # used idx 2, event 2 not yet passed
     queue.add_used(chains[2].head, 0)
     assert queue.needs_notification()  # used idx 3 passed event 2
     assert not queue.needs_notification()  # nothing new since
+    # Batches: one decision for several entries crossing the event.
+    ring.get_used()
+    ring.set_used_event(3)
+    for _ in range(2):
+        ring.add(writable=[4])
+    for _ in range(2):
+        queue.add_used(queue.pop().head, 0)
+    assert queue.needs_notification()  # 3 -> 5 crossed event 3
 
 
 def test_needs_notification_no_interrupt_flag(memory):

@@ -160,8 +160,8 @@ class VirtQueue:
         self.pfn = 0
         self.last_avail_idx = 0
         self.used_idx = 0
-        # Used index at the last interrupt decision (None: never signalled yet).
-        self._signalled_used: int | None = None
+        # Used index at the last interrupt decision; both sides start at 0.
+        self._signalled_used = 0
         self._notification_enabled = True
         self._desc_view: memoryview | None = None
         self._avail_view: memoryview | None = None
@@ -356,8 +356,6 @@ class VirtQueue:
         if old == new:
             return False
         if self.event_idx:
-            if old is None:
-                return True
             return vring_need_event(self._used_event(), new, old)
         return not self._avail_flags() & AvailFlags.NO_INTERRUPT
 
