@@ -74,7 +74,8 @@ def test_kvm_leaves_and_others_untouched_and_input_not_modified():
     before = [KvmEntry(**vars(e)) for e in SUPPORTED]
     entries = vcpu_cpuid(SUPPORTED, 1, 2)
     assert [vars(e) for e in SUPPORTED] == [vars(e) for e in before]
-    assert all(isinstance(e, CpuidEntry) for e in entries)
+    assert all(type(e) is KvmEntry for e in entries)
+    assert not any(a is b for a, b in zip(entries, SUPPORTED))  # copies
     out = by_key(entries)
     for key in [(0, 0), (0x4000_0000, 0), (0x4000_0001, 0)]:
         assert vars(out[key]) == vars(by_key(SUPPORTED)[key])
@@ -86,3 +87,26 @@ def test_bad_indices():
         vcpu_cpuid(SUPPORTED, 2, 2)
     with pytest.raises(ValueError):
         vcpu_cpuid(SUPPORTED, 0, 0)
+
+
+def test_dataclass_entries_keep_their_type():
+    @dataclass
+    class BindingEntry(KvmEntry):
+        def to_c(self):  # what a KVM binding needs for KVM_SET_CPUID2
+            return (self.function, self.ebx)
+
+    supported = [BindingEntry(**vars(e)) for e in SUPPORTED]
+    out = vcpu_cpuid(supported, 1, 2)
+    assert all(type(e) is BindingEntry for e in out)
+    leaf1 = by_key(out)[(1, 0)]
+    assert leaf1.to_c() == (1, (1 << 24) | (2 << 16) | 0x0800)
+    assert supported[1].ebx == 0x00000800  # input not modified
+
+
+def test_plain_objects_become_cpuid_entries():
+    class Plain:
+        def __init__(self, e):
+            self.__dict__.update(vars(e))
+
+    out = vcpu_cpuid([Plain(e) for e in SUPPORTED], 0, 1)
+    assert all(isinstance(e, CpuidEntry) for e in out)

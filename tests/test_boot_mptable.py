@@ -121,3 +121,16 @@ def test_many_cpus_fit_and_checksum(mem):
     table = find_and_parse(mem)
     assert len(table["cpus"]) == 254
     assert table["ioapics"][0][0] == 254
+
+
+def test_duck_typed_pci_lines_and_shared_pins(mem):
+    class Line:  # e.g. a PCI layer's own assignment record
+        def __init__(self, device, pin, ioapic_pin):
+            self.device, self.pin, self.ioapic_pin = device, pin, ioapic_pin
+
+    # two functions of device 4 share INTA -> one entry; device 5 INTB
+    write_mptable(mem, 1, [Line(4, 1, 19), Line(4, 1, 19), Line(5, 2, 20)])
+    pci = [e for e in find_and_parse(mem)["ioints"] if e[2] == 0]
+    assert pci == [(0, 0x0F, 0, 4 << 2, 1, 19), (0, 0x0F, 0, (5 << 2) | 1, 1, 20)]
+    with pytest.raises(MpTableError, match=r"wired to two IOAPIC pins \(19 and 21\)"):
+        write_mptable(mem, 1, [Line(4, 1, 19), Line(4, 1, 21)])

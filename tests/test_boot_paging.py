@@ -111,3 +111,65 @@ def test_long_mode_registers():
         assert state.idt.base == layout.IDT_ADDR
     finally:
         mem.close()
+
+
+def test_apply_to_sregs_fills_a_kvm_shaped_object():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class KvmSeg:  # shaped like struct kvm_segment
+        base: int = 0
+        limit: int = 0xFFFF
+        selector: int = 0
+        type: int = 0
+        present: int = 0
+        dpl: int = 0
+        db: int = 0
+        s: int = 0
+        l: int = 0  # noqa: E741
+        g: int = 0
+        avl: int = 0
+        unusable: int = 1
+
+    @dataclass
+    class KvmDt:
+        base: int = 0
+        limit: int = 0xFFFF
+
+    @dataclass
+    class KvmSregs:
+        cs: KvmSeg = field(default_factory=KvmSeg)
+        ds: KvmSeg = field(default_factory=KvmSeg)
+        es: KvmSeg = field(default_factory=KvmSeg)
+        fs: KvmSeg = field(default_factory=KvmSeg)
+        gs: KvmSeg = field(default_factory=KvmSeg)
+        ss: KvmSeg = field(default_factory=KvmSeg)
+        tr: KvmSeg = field(default_factory=KvmSeg)
+        ldt: KvmSeg = field(default_factory=KvmSeg)
+        gdt: KvmDt = field(default_factory=KvmDt)
+        idt: KvmDt = field(default_factory=KvmDt)
+        cr0: int = 0x60000010
+        cr3: int = 0
+        cr4: int = 0
+        efer: int = 0
+        apic_base: int = 0xFEE00900
+
+    mem = GuestMemory([(0, 16 * MiB)])
+    try:
+        state = setup_long_mode(mem, entry=0x100_0200)
+        sregs = KvmSregs()
+        state.apply_to_sregs(sregs)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
+            got, want = getattr(sregs, name), getattr(state, name)
+            assert (got.selector, got.base, got.limit, got.type, got.present, got.dpl, got.db,
+                    got.s, got.l, got.g, got.avl, got.unusable) == (
+                want.selector, want.base, want.limit, want.type, want.present, want.dpl,
+                want.db, want.s, want.l, want.g, want.avl, 0)
+        assert sregs.ldt == KvmSeg()  # untouched
+        assert (sregs.gdt.base, sregs.gdt.limit) == (state.gdt.base, state.gdt.limit)
+        assert (sregs.idt.base, sregs.idt.limit) == (state.idt.base, state.idt.limit)
+        assert (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer) == (
+            state.cr0, state.cr3, state.cr4, state.efer)
+        assert sregs.apic_base == 0xFEE00900
+    finally:
+        mem.close()

@@ -20,7 +20,7 @@ The KVM paravirt leaves 0x4000_0000.. pass through unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Iterable, Protocol
 
 
@@ -66,7 +66,7 @@ def _apic_id_shift(count: int) -> int:
     return max(0, (count - 1).bit_length())
 
 
-def _topology_subleaf(entry: CpuidEntry, apic_id: int, num_vcpus: int) -> CpuidEntry:
+def _topology_subleaf(entry, apic_id: int, num_vcpus: int):
     if entry.index == 0:
         eax, ebx, level = 0, 1, TOPOLOGY_LEVEL_SMT
     elif entry.index == 1:
@@ -76,11 +76,13 @@ def _topology_subleaf(entry: CpuidEntry, apic_id: int, num_vcpus: int) -> CpuidE
     return replace(entry, eax=eax, ebx=ebx, ecx=(level << 8) | (entry.index & 0xFF), edx=apic_id)
 
 
-def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) -> list[CpuidEntry]:
+def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) -> list:
     """The CPUID entries for vCPU `vcpu_index` of `num_vcpus`, derived from KVM's supported list.
 
-    Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes;
-    returns new CpuidEntry objects and leaves the input untouched.
+    Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes
+    and leaves them untouched. Dataclass entries (such as the KVM binding's
+    CpuidEntry) come back as modified copies of the same type, so they can go
+    straight to KVM_SET_CPUID2; other objects come back as this module's CpuidEntry.
     """
     if not 1 <= num_vcpus <= 255:
         raise ValueError(f"{num_vcpus} vCPUs: APIC ids here are 8-bit (1..255 vCPUs)")
@@ -89,8 +91,11 @@ def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) 
     apic_id = vcpu_index
     result = []
     for src in supported:
-        entry = CpuidEntry(function=src.function, index=src.index, flags=src.flags,
-                           eax=src.eax, ebx=src.ebx, ecx=src.ecx, edx=src.edx)
+        if is_dataclass(src) and not isinstance(src, type):
+            entry = replace(src)
+        else:
+            entry = CpuidEntry(function=src.function, index=src.index, flags=src.flags,
+                               eax=src.eax, ebx=src.ebx, ecx=src.ecx, edx=src.edx)
         if entry.function == LEAF_FEATURES:
             ebx = (entry.ebx & 0x0000_FFFF) | (num_vcpus << 16) | (apic_id << 24)
             edx = entry.edx | LEAF1_EDX_HTT if num_vcpus > 1 else entry.edx & ~LEAF1_EDX_HTT

@@ -86,7 +86,11 @@ class CpuFlag(enum.IntFlag):
 
 @dataclass(frozen=True)
 class PciIrq:
-    """One PCI INTx line: device (slot) on bus 0, pin 1..4 = INTA#..INTD#, wired to ioapic_pin."""
+    """One PCI INTx line: device (slot) on bus 0, pin 1..4 = INTA#..INTD#, wired to ioapic_pin.
+
+    write_mptable reads only these three attributes, so any object having them will do.
+    With KVM's default routing the IOAPIC pin equals the GSI the VMM raises.
+    """
 
     device: int
     pin: int
@@ -94,8 +98,12 @@ class PciIrq:
 
     @property
     def source_irq(self) -> int:
-        """MP spec encoding of a PCI interrupt source: device in bits 6:2, pin-1 in bits 1:0."""
-        return (self.device << 2) | (self.pin - 1)
+        return pci_source_irq(self.device, self.pin)
+
+
+def pci_source_irq(device: int, pin: int) -> int:
+    """MP spec encoding of a PCI interrupt source: device in bits 6:2, pin-1 (INTA#=0) in 1:0."""
+    return (device << 2) | (pin - 1)
 
 
 def _checksum(data: bytes) -> int:
@@ -103,10 +111,17 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def _validate(num_cpus: int, pci_irqs: list[PciIrq]) -> None:
+def _validate(num_cpus: int, pci_irqs: list[PciIrq]) -> list[PciIrq]:
+    """Check the request; return the PCI lines with duplicates folded.
+
+    The MP table identifies a PCI source by (device, pin) only, so functions of
+    one multi-function device that share a pin are one entry; they must then
+    share the IOAPIC pin too.
+    """
     if not 1 <= num_cpus <= MAX_CPUS:
         raise MpTableError(f"{num_cpus} CPUs: the MP table supports 1..{MAX_CPUS}")
-    seen: set[tuple[int, int]] = set()
+    seen: dict[tuple[int, int], int] = {}
+    unique = []
     for irq in pci_irqs:
         if not 0 <= irq.device < 32:
             raise MpTableError(f"PCI device {irq.device} is not a slot number 0..31")
@@ -117,9 +132,16 @@ def _validate(num_cpus: int, pci_irqs: list[PciIrq]) -> None:
             raise MpTableError(
                 f"PCI device {irq.device} INT{'ABCD'[irq.pin - 1]}#: IOAPIC pin {irq.ioapic_pin} "
                 f"must be {ISA_IRQS}..{IOAPIC_NUM_PINS - 1} (pins 0..15 carry the ISA IRQs)")
-        if (irq.device, irq.pin) in seen:
-            raise MpTableError(f"PCI device {irq.device} pin {irq.pin} listed twice")
-        seen.add((irq.device, irq.pin))
+        key = (irq.device, irq.pin)
+        if key in seen:
+            if seen[key] != irq.ioapic_pin:
+                raise MpTableError(
+                    f"PCI device {irq.device} pin {irq.pin} is wired to two IOAPIC pins "
+                    f"({seen[key]} and {irq.ioapic_pin})")
+            continue
+        seen[key] = irq.ioapic_pin
+        unique.append(irq)
+    return unique
 
 
 def build_mp_config_entries(num_cpus: int, pci_irqs: list[PciIrq],
@@ -142,7 +164,8 @@ def build_mp_config_entries(num_cpus: int, pci_irqs: list[PciIrq],
     for irq in pci_irqs:
         entries.append(_INTERRUPT.pack(EntryType.IO_INTERRUPT, InterruptType.INT,
                                        int(IrqFlag.ACTIVE_LOW | IrqFlag.LEVEL), PCI_BUS_ID,
-                                       irq.source_irq, ioapic_id, irq.ioapic_pin))
+                                       pci_source_irq(irq.device, irq.pin), ioapic_id,
+                                       irq.ioapic_pin))
     # LINT0 carries the 8259 (virtual wire mode), LINT1 NMI; 0xFF = every local APIC.
     entries.append(_INTERRUPT.pack(EntryType.LOCAL_INTERRUPT, InterruptType.EXTINT, 0,
                                    ISA_BUS_ID, 0, 0xFF, 0))
@@ -159,8 +182,7 @@ def write_mptable(mem, num_cpus: int, pci_irqs: list[PciIrq] | tuple[PciIrq, ...
 
     Returns the floating pointer's address. `mem` is a GuestMemory.
     """
-    pci_irqs = list(pci_irqs)
-    _validate(num_cpus, pci_irqs)
+    pci_irqs = _validate(num_cpus, list(pci_irqs))
     if addr % 16 or not layout.BIOS_START <= addr < layout.BIOS_END:
         raise MpTableError(f"MP table address {addr:#x} must be 16-byte aligned in the BIOS area")
     entries = build_mp_config_entries(num_cpus, pci_irqs, cpu_signature, cpu_features)

@@ -47,9 +47,11 @@ class PageFlag(enum.IntFlag):
 
 
 class SegmentType(enum.IntEnum):
+    """Descriptor type field; code/data types (s=1) and system types (s=0) share values."""
+
     DATA_RW_ACCESSED = 0x3
     CODE_XR_ACCESSED = 0xB
-    TSS_64_BUSY = 0xB  # system segment (s=0) type 11
+    TSS_64_BUSY = 0xB  # with s=0: 64-bit TSS, busy (an alias of the value above)
 
 
 BOOT_CS_SELECTOR = 0x10  # __BOOT_CS
@@ -148,22 +150,48 @@ class LongModeState:
     rsi: int
     rflags: int = RFLAGS_RESERVED
 
+    SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss", "tr")
+
+    def apply_to_sregs(self, sregs) -> None:
+        """Copy this state into a KVM special-registers object, in place.
+
+        `sregs` is anything shaped like struct kvm_sregs (e.g. the KVM
+        binding's Sregs dataclass from KVM_GET_SREGS): segment attributes
+        cs..tr with the kvm_segment field names, gdt/idt with base/limit,
+        and cr0/cr3/cr4/efer. LDT, cr2, cr8 and apic_base are left as they were.
+        """
+        for name in self.SEGMENT_REGISTERS:
+            source: Segment = getattr(self, name)
+            target = getattr(sregs, name)
+            for attr in ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l",
+                         "g", "avl"):
+                setattr(target, attr, getattr(source, attr))
+            target.unusable = 0
+        for name in ("gdt", "idt"):
+            table: DescriptorTable = getattr(self, name)
+            getattr(sregs, name).base = table.base
+            getattr(sregs, name).limit = table.limit
+        sregs.cr0 = self.cr0
+        sregs.cr3 = self.cr3
+        sregs.cr4 = self.cr4
+        sregs.efer = self.efer
+
 
 def boot_code_segment() -> Segment:
     return Segment(selector=BOOT_CS_SELECTOR, base=0, limit=0xFFFF_FFFF,
-                   type=SegmentType.CODE_XR_ACCESSED, present=1, dpl=0, db=0, s=1, l=1, g=1)
+                   type=int(SegmentType.CODE_XR_ACCESSED), present=1, dpl=0, db=0, s=1, l=1, g=1)
 
 
 def boot_data_segment() -> Segment:
     return Segment(selector=BOOT_DS_SELECTOR, base=0, limit=0xFFFF_FFFF,
-                   type=SegmentType.DATA_RW_ACCESSED, present=1, dpl=0, db=1, s=1, l=0, g=1)
+                   type=int(SegmentType.DATA_RW_ACCESSED), present=1, dpl=0, db=1, s=1, l=0, g=1)
 
 
 def boot_tss_segment() -> Segment:
     # KVM refuses to enter a guest whose TR is not a busy TSS; the kernel
     # loads its own TR during cpu_init, this one is only there to be valid.
     return Segment(selector=BOOT_TSS_SELECTOR, base=layout.TSS_ADDR, limit=layout.TSS_LIMIT,
-                   type=SegmentType.TSS_64_BUSY, present=1, dpl=0, db=0, s=0, l=0, g=0)
+                   type=int(SegmentType.TSS_64_BUSY), present=1, dpl=0, db=0, s=0, l=0, g=0)
 
 
 def write_gdt(mem, addr: int = layout.GDT_ADDR) -> DescriptorTable:
