@@ -394,3 +394,47 @@ def test_odd_register_accesses_are_harmless(env):
                 driver.io_write(offset, size, 0xFFFFFFFF & ((1 << (8 * size)) - 1))
     assert driver.io_read(REG_HOST_FEATURES, 4) != 0
     assert not driver.status & STATUS_NEEDS_RESET
+
+
+def test_pfn_write_ignored_while_live(env):
+    driver, transport, device, *_ = env
+    rx, tx = bring_up(driver, features=0)
+    driver.io_write(REG_QUEUE_SEL, 2, TX)
+    driver.io_write(REG_QUEUE_PFN, 4, 0)
+    assert driver.io_read(REG_QUEUE_PFN, 4) == tx.pfn and transport.queues[TX].ready
+
+
+def test_reset_racing_io_thread_notifies(env):
+    """vCPU resets/re-initialises while the I/O thread kicks: no deadlock, no errors."""
+    driver, transport, device, intx, msi = env
+    bring_up(driver, features=0)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def io_thread():
+        try:
+            while not stop.is_set():
+                transport.queue_notify(TX)
+                transport.queue_notify(RX)
+                transport.signal_queue(RX)
+                transport.intx_resample()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=io_thread, daemon=True)
+    worker.start()
+    try:
+        for _ in range(30):
+            rx, tx = bring_up(driver, features=0)
+            rx.add(writable=[4])
+            tx.add(readable=[b"r"])
+            driver.kick(RX)
+            driver.kick(TX)
+            driver.read_isr()
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive(), "I/O thread deadlocked"
+    assert errors == []
+    assert not driver.status & STATUS_NEEDS_RESET
+    assert len(device.activations) == 31

@@ -210,7 +210,9 @@ class VirtioPciLegacy(PciFunction):
         queue = self._selected_queue()
         if queue is None or self.failed:
             return
-        if self.activated and pfn != 0:
+        if self.activated:
+            # Linux only moves/clears queues after resetting the device; changing
+            # rings under a running device would race its queue processing.
             logger.debug("QUEUE_PFN write to a live device ignored")
             return
         try:
