@@ -1,0 +1,74 @@
+"""Per-port state of the console device: guest-side flags, output held back, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from microvmm.virtio_console.backends import PortBackend, TerminalSize
+from microvmm.virtio_console.spec import PortSpec
+
+#: Host-side buffer for console ports, whose guest (hvc) spins until its
+#: output buffer is used: beyond this, output is dropped and counted.
+CONSOLE_BUFFER_LIMIT = 1 << 20
+
+
+@dataclass
+class PendingChain:
+    """A guest->host chain the backend has not fully taken yet (not used yet)."""
+
+    head: int
+    data: bytes
+    offset: int = 0
+
+    @property
+    def remaining(self) -> memoryview:
+        return memoryview(self.data)[self.offset:]
+
+
+@dataclass
+class PortStats:
+    name: str
+    to_host_bytes: int = 0    # guest -> backend, written
+    to_guest_bytes: int = 0   # backend -> guest, delivered
+    dropped_bytes: int = 0    # console output beyond CONSOLE_BUFFER_LIMIT
+    buffered_bytes: int = 0   # held host-side right now
+
+
+@dataclass
+class Port:
+    index: int
+    spec: PortSpec
+    backend: PortBackend
+    size: TerminalSize | None = None
+    # Guest-side state, cleared by a device reset.
+    added: bool = False        # DEVICE_ADD sent
+    ready: bool = False        # PORT_READY(1) received
+    guest_open: bool = False   # PORT_OPEN(1) received (consoles count as open)
+    # Output not yet taken by the backend.
+    pending: PendingChain | None = None
+    held: bytearray = field(default_factory=bytearray)
+    to_host_bytes: int = 0
+    to_guest_bytes: int = 0
+    dropped_bytes: int = 0
+
+    @property
+    def console(self) -> bool:
+        return self.spec.console
+
+    def hold(self, data: bytes | memoryview) -> None:
+        """Keep console output host-side, up to the limit; count the rest as dropped."""
+        room = max(0, CONSOLE_BUFFER_LIMIT - len(self.held))
+        self.held += data[:room]
+        self.dropped_bytes += max(0, len(data) - room)
+
+    def reset_guest_state(self) -> None:
+        self.added = self.ready = self.guest_open = False
+        if self.pending is not None:
+            # The driver reset the device: its chain is gone, its bytes are not.
+            self.hold(self.pending.remaining)
+            self.pending = None
+
+    def stats(self) -> PortStats:
+        buffered = len(self.held) + (len(self.pending.remaining) if self.pending else 0)
+        return PortStats(self.spec.name, self.to_host_bytes, self.to_guest_bytes,
+                         self.dropped_bytes, buffered)
