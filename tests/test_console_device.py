@@ -506,6 +506,8 @@ def test_single_port_mode_without_multiport(make_env):
     guest = env.guest
     slave = os.open(env.device.ports[0].backend.path, os.O_RDWR | os.O_NOCTTY)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 25, 80, 0, 0))
+    # The pty backend notices the new size on its next check (no signal reaches us).
+    assert wait_for(lambda: env.device.read_config(0, 4) == 80 | 25 << 16)
     guest.probe(wanted=F_SIZE | F_EVENT_IDX)
     assert not guest.multiport
     assert (env.driver.read_device_config(0, 2), env.driver.read_device_config(2, 2)) == (80, 25)
