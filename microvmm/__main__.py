@@ -1,0 +1,5 @@
+import sys
+
+from microvmm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""`microvmm` command line: parse and validate everything, then hand a VmConfig
+to the VMM. Bad input gets one error line and exit status 2 before anything
+starts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from microvmm.exitcodes import HELP_TEXT, ExitCode
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+DEFAULT_MEM = "64M"
+
+_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message names the offending value."""
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '131072K' -> bytes; a bare number means MiB (like QEMU's -m)."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise UsageError(f"--mem {text!r}: expected a size such as 64M or 1G")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def default_images_dir() -> Path:
+    """$MICROVMM_IMAGES, else ./images, else the images/ of this source tree."""
+    env = os.environ.get("MICROVMM_IMAGES")
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd() / "images", Path(__file__).resolve().parent.parent / "images"):
+        if (candidate / "vmlinux").is_file():
+            return candidate
+    return Path.cwd() / "images"
+
+
+RUN_EXAMPLES = """examples:
+  microvmm run                                    boot the default guest (images/)
+  microvmm run --kernel bzImage --console @pty:p0 the guest console on a new pty
+  microvmm run --kernel vmlinux --initrd initramfs.cpio --mem 128M --cpus 2
+  microvmm run --serial file:boot.log --append 'initcall_debug'
+  microvmm run --console @stdio:con --console socket:ctl=/tmp/ctl.sock:server
+  microvmm run --device virtio-console,@pty:p0,file:log=/tmp/guest.log
+
+interactive console: Ctrl-A x quits, Ctrl-A h shows help; Ctrl-C goes to the guest.
+SIGUSR1 (kill -USR1 PID) prints where every vCPU is: symbolized RIP, CR2, CR3, registers.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microvmm", description="A KVM micro-VMM with an integrated virtio-console.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", help="boot a Linux guest", description="Boot a Linux guest.",
+        epilog=RUN_EXAMPLES + "\n" + HELP_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", metavar="PATH",
+                     help="bzImage or ELF vmlinux (default: images/vmlinux), e.g. --kernel arch/x86/boot/bzImage")
+    run.add_argument("--initrd", metavar="PATH",
+                     help="initramfs (default with the default kernel: images/initramfs.cpio), "
+                          "e.g. --initrd initramfs.cpio.gz")
+    run.add_argument("--cmdline", metavar="STR",
+                     help=f"kernel command line (default: {DEFAULT_CMDLINE!r}), "
+                          "e.g. --cmdline 'console=hvc0 reboot=k'")
+    run.add_argument("--append", metavar="STR", default="",
+                     help="add to the command line, e.g. --append 'initcall_debug'")
+    run.add_argument("--mem", metavar="SIZE", default=DEFAULT_MEM,
+                     help=f"guest RAM (default {DEFAULT_MEM}), e.g. --mem 256M")
+    run.add_argument("--cpus", metavar="N", type=int, default=1,
+                     help="number of vCPUs, one host thread each (default 1), e.g. --cpus 2")
+    run.add_argument("--serial", metavar="stdio|file:PATH|off", default="stdio",
+                     help="where the COM1 UART goes (default stdio), e.g. --serial file:boot.log")
+    run.add_argument("--console", metavar="SPEC", action="append", default=[],
+                     help="a virtio-console port, ACRN syntax "
+                          "[@]stdio|tty|pty|file|socket:NAME[=PATH][:server|client]; "
+                          "repeat for more ports, e.g. --console @pty:p0")
+    run.add_argument("--device", metavar="virtio-console,SPEC[,SPEC...]", action="append", default=[],
+                     help="ports in ACRN's device syntax, e.g. --device virtio-console,@stdio:con,pty:p1")
+    run.add_argument("--queue-size", metavar="N", type=int, default=64,
+                     help="virtqueue size of the console (default 64), e.g. --queue-size 128")
+    run.add_argument("--no-msix", action="store_true",
+                     help="offer no MSI-X: the console interrupts through INTx")
+    run.add_argument("--system-map", metavar="PATH",
+                     help="System.map for symbolized diagnostics (default: beside the kernel)")
+    run.add_argument("--timeout", metavar="SECONDS", type=float,
+                     help="kill the VM after this long and exit 124, e.g. --timeout 300")
+    run.add_argument("--no-host-workarounds", action="store_true",
+                     help="on an emulating KVM host, do not apply the boot workarounds")
+    check = commands.add_parser("check-host", help="report what kind of KVM this host has")
+    check.set_defaults(command="check-host")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
+    from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
+
+    if args.kernel:
+        kernel = Path(args.kernel)
+        initrd = Path(args.initrd) if args.initrd else None
+    else:
+        images = default_images_dir()
+        kernel = images / "vmlinux"
+        initrd = Path(args.initrd) if args.initrd else images / "initramfs.cpio"
+        if not kernel.is_file():
+            raise UsageError(f"no --kernel given and no default image at {kernel}: run `make images`")
+    for label, path in (("--kernel", kernel), ("--initrd", initrd)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{label} {path}: no such file")
+    if args.cpus < 1 or args.cpus > 64:
+        raise UsageError(f"--cpus {args.cpus}: must be between 1 and 64")
+    if not 2 <= args.queue_size <= 32768 or args.queue_size & (args.queue_size - 1):
+        raise UsageError(f"--queue-size {args.queue_size}: must be a power of two from 2 to 32768")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be positive")
+    try:
+        serial = SerialConfig.parse(args.serial)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        ports = [parse_port_spec(spec) for spec in args.console]
+        for option in args.device:
+            ports.extend(parse_device_option(option))
+        if ports:
+            validate_ports(ports)
+    except PortSpecError as err:
+        raise UsageError(str(err)) from None
+    if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
+        raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
+                         "use --serial off or --serial file:PATH")
+    cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
+    if args.append:
+        cmdline = f"{cmdline} {args.append}"
+    return VmConfig(
+        kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=parse_size(args.mem),
+        cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
+        msix=not args.no_msix,
+        system_map=Path(args.system_map) if args.system_map else None,
+        timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
+        stream=sys.stderr)
+    if args.command == "check-host":
+        from microvmm.hostinfo import detect_host_kind
+        kind, reason = detect_host_kind()
+        print(f"{kind.value}: {reason}")
+        return 0
+    try:
+        config = _config_from_args(args)
+    except UsageError as err:
+        print(f"microvmm: error: {err}", file=sys.stderr)
+        return ExitCode.USAGE
+    from microvmm.vmm import run_vm  # deferred: the VMM pulls in cffi and the devices
+    return run_vm(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""One thread per vCPU: run it, dispatch its exits to the buses, and turn
+anything abnormal into a precise report instead of a hang.
+
+Other threads never issue ioctls on a running vCPU (KVM would block them until
+KVM_RUN returns). They post a request and kick the thread out of KVM_RUN with
+a signal; the vCPU thread then answers with a snapshot of its own state.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from microvmm.diag.report import CpuSnapshot
+from microvmm.kvm import ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, SystemEvent
+
+logger = logging.getLogger(__name__)
+
+# Delivered to a vCPU thread only to make KVM_RUN return EINTR; its Python
+# handler does nothing. SIGUSR2 is free: SIGUSR1 is the user's "where are you".
+KICK_SIGNAL = signal.SIGUSR2
+
+_BP_VECTOR = 3
+_INT3 = 0xCC
+_FWAIT = 0x9B
+_PAGE = 4096
+
+
+def _exit_name(reason: int) -> str:
+    try:
+        return ExitReason(reason).name.lower()
+    except ValueError:
+        return f"exit_{reason}"
+
+
+class StopReason(enum.Enum):
+    RESET = "the guest requested a reset (reboot)"
+    SHUTDOWN = "the guest shut down"
+    TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"
+    EMULATION_FAILURE = "instruction emulation failed"
+    INTERNAL_ERROR = "KVM internal error"
+    FAIL_ENTRY = "KVM could not enter the guest"
+    UNEXPECTED_EXIT = "unexpected vCPU exit"
+    HOST_ERROR = "VMM error while handling an exit"
+
+
+@dataclass
+class VcpuStop:
+    """Why a vCPU thread ended the VM, with its state when that mattered."""
+
+    reason: StopReason
+    detail: str = ""
+    snapshot: CpuSnapshot | None = None
+    fatal: bool = True
+
+
+class VcpuRunner:
+    """Runs one vCPU on its own thread until the VM stops."""
+
+    def __init__(self, index: int, vcpu, memory, io_bus, mmio_bus, quirks,
+                 on_stop: Callable[[VcpuStop], None], stats: dict | None = None):
+        self.index = index
+        self.vcpu = vcpu
+        self._memory = memory
+        self._io_bus = io_bus
+        self._mmio_bus = mmio_bus
+        self._quirks = quirks
+        self._on_stop = on_stop
+        self._stopping = threading.Event()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"microvmm-vcpu{index}", daemon=True)
+        self.workarounds_applied: dict[str, int] = {}
+        self.exit_counts: dict[str, int] = stats if stats is not None else {}
+
+    # -- control from other threads --------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return soon (now, or right at its next entry)."""
+        self.vcpu.immediate_exit = 1
+        if self.thread.is_alive() and self.thread.ident is not None:
+            try:
+                signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.kick()
+
+    def request_snapshot(self, timeout: float = 2.0) -> CpuSnapshot | None:
+        """The vCPU's state, taken by its own thread between two KVM_RUNs."""
+        if not self.thread.is_alive():
+            return None
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put(answer)
+        self.kick()
+        try:
+            return answer.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # -- the vCPU thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as err:  # a VMM bug must end the VM loudly, not hang it
+            logger.exception("vCPU %d: error handling an exit", self.index)
+            self._finish(VcpuStop(StopReason.HOST_ERROR, f"{type(err).__name__}: {err}",
+                                  self._safe_snapshot()))
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        counts = self.exit_counts
+        while not self._stopping.is_set():
+            reason = vcpu.run()
+            if reason == ExitReason.IO:
+                port, size, count, data, out = self._io_exit(vcpu)
+                if data is None:
+                    return
+                bus = self._io_bus
+                if count == 1:  # the common case: one in/out instruction
+                    if out:
+                        bus.write(port, size, int.from_bytes(data, "little"))
+                    else:
+                        data[:] = bus.read(port, size).to_bytes(size, "little")
+                    continue
+                for i in range(count):  # rep ins/outs
+                    item = data[i * size:(i + 1) * size]
+                    if out:
+                        bus.write(port, size, int.from_bytes(item, "little"))
+                    else:
+                        item[:] = bus.read(port, size).to_bytes(size, "little")
+                continue
+            if reason == ExitReason.MMIO:
+                mmio = vcpu.mmio
+                if mmio.is_write:
+                    self._mmio_bus.write(mmio.phys_addr, mmio.len, int.from_bytes(mmio.data, "little"))
+                else:
+                    mmio.data[:] = self._mmio_bus.read(mmio.phys_addr, mmio.len).to_bytes(mmio.len, "little")
+                continue
+            if reason == ExitReason.INTR:
+                vcpu.immediate_exit = 0
+                self._serve_requests()
+                continue
+            name = _exit_name(reason)
+            counts[name] = counts.get(name, 0) + 1
+            if not self._handle_rare_exit(reason):
+                return
+        self._serve_requests()
+
+    def _io_exit(self, vcpu):
+        try:
+            io = vcpu.io
+        except KvmExitDataError as err:
+            self._finish(VcpuStop(StopReason.HOST_ERROR, str(err), self._safe_snapshot()))
+            return 0, 0, 0, None, False
+        return io.port, io.size, io.count, io.data, io.direction == IoDirection.OUT
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                answer = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            answer.put(self._safe_snapshot())
+
+    def _handle_rare_exit(self, reason: int) -> bool:
+        """Handle an exit that is not I/O; False ends this vCPU (and the VM)."""
+        if reason == ExitReason.SHUTDOWN:
+            self._finish(VcpuStop(StopReason.TRIPLE_FAULT, "", self._safe_snapshot()))
+            return False
+        if reason == ExitReason.SYSTEM_EVENT:
+            kind = self.vcpu.system_event.type
+            if kind == SystemEvent.RESET:
+                self._finish(VcpuStop(StopReason.RESET, "system event", fatal=False))
+            elif kind == SystemEvent.SHUTDOWN:
+                self._finish(VcpuStop(StopReason.SHUTDOWN, "system event", fatal=False))
+            else:
+                self._finish(VcpuStop(StopReason.UNEXPECTED_EXIT, f"system event type {kind}",
+                                      self._safe_snapshot()))
+            return False
+        if reason == ExitReason.INTERNAL_ERROR:
+            return self._handle_internal_error()
+        if reason == ExitReason.FAIL_ENTRY:
+            code = self.vcpu.fail_entry.hardware_entry_failure_reason
+            self._finish(VcpuStop(StopReason.FAIL_ENTRY, f"hardware entry failure reason {code:#x}",
+                                  self._safe_snapshot()))
+            return False
+        if reason == ExitReason.HLT:
+            # Only without an in-kernel irqchip; this VMM always has one.
+            self._finish(VcpuStop(StopReason.SHUTDOWN, "the vCPU halted", self._safe_snapshot(), fatal=False))
+            return False
+        self._finish(VcpuStop(StopReason.UNEXPECTED_EXIT, f"exit reason {_exit_name(reason)}",
+                              self._safe_snapshot()))
+        return False
+
+    def _handle_internal_error(self) -> bool:
+        internal = self.vcpu.internal_error
+        if internal.suberror != InternalErrorSuberror.EMULATION:
+            self._finish(VcpuStop(StopReason.INTERNAL_ERROR,
+                                  f"suberror {internal.suberror}, data {[hex(d) for d in internal.data]}",
+                                  self._safe_snapshot()))
+            return False
+        insn = self.vcpu.emulation_failure.insn_bytes or b""
+        regs = self.vcpu.get_regs()
+        if not insn:
+            insn = self._code_at(regs.rip)
+        if insn and self._quirks.inject_bp_on_int3 and insn[0] == _INT3:
+            # int3 is a trap: the handler expects RIP after the instruction.
+            regs.rip += 1
+            self.vcpu.set_regs(regs)
+            self.vcpu.inject_exception(_BP_VECTOR)
+            self._note_workaround("int3: injected #BP")
+            return True
+        if insn and self._quirks.skip_fwait and insn[0] == _FWAIT:
+            regs.rip += 1  # fwait only checks for pending x87 exceptions
+            self.vcpu.set_regs(regs)
+            self._note_workaround("fwait: skipped")
+            return True
+        snapshot = self._safe_snapshot(code=insn)
+        self._finish(VcpuStop(StopReason.EMULATION_FAILURE,
+                              f"KVM could not emulate the instruction at RIP {regs.rip:#x}", snapshot))
+        return False
+
+    def _note_workaround(self, what: str) -> None:
+        count = self.workarounds_applied.get(what, 0) + 1
+        self.workarounds_applied[what] = count
+        if count == 1:
+            logger.warning("host workaround: %s (vCPU %d); further ones are counted", what, self.index)
+
+    def _finish(self, stop: VcpuStop) -> None:
+        self._stopping.set()
+        self._on_stop(stop)
+
+    # -- state capture (vCPU thread only) ----------------------------------
+
+    def _code_at(self, rip: int, length: int = 15) -> bytes:
+        """Up to `length` bytes at guest virtual `rip`, translated page by page."""
+        out = b""
+        address = rip
+        while len(out) < length:
+            try:
+                gpa, valid = self.vcpu.translate(address)
+            except OSError:
+                break
+            if not valid:
+                break
+            take = min(length - len(out), _PAGE - (address % _PAGE))
+            if not self._memory.contains(gpa, take):
+                break
+            out += self._memory.read(gpa, take)
+            address += take
+        return out
+
+    def _safe_snapshot(self, code: bytes | None = None) -> CpuSnapshot | None:
+        try:
+            return self.snapshot(code)
+        except Exception as err:  # the report must not fail because the state is odd
+            logger.debug("vCPU %d: snapshot failed: %s", self.index, err)
+            return None
+
+    def snapshot(self, code: bytes | None = None) -> CpuSnapshot:
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        gprs = {name: getattr(regs, name) for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
+        return CpuSnapshot(
+            index=self.index, rip=regs.rip, rflags=regs.rflags, gprs=gprs,
+            cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
+            cs_selector=sregs.cs.selector, cs_long=bool(sregs.cs.l), cs_db=bool(sregs.cs.db),
+            code=code if code else self._code_at(regs.rip),
+        )

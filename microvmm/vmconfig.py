@@ -1,0 +1,42 @@
+"""What to run: the validated configuration the CLI hands to the VMM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microvmm.virtio_console.spec import PortSpec
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    """Where COM1 goes: 'stdio', 'file' (with path) or 'off'."""
+
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SerialConfig":
+        if text in ("stdio", "off"):
+            return cls(text)
+        if text.startswith("file:") and len(text) > 5:
+            return cls("file", Path(text[5:]))
+        raise ValueError(f"--serial {text!r}: expected stdio, file:PATH or off")
+
+
+@dataclass
+class VmConfig:
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    mem_size: int = 64 << 20
+    cpus: int = 1
+    serial: SerialConfig = field(default_factory=lambda: SerialConfig("stdio"))
+    ports: list["PortSpec"] = field(default_factory=list)
+    queue_size: int = 64
+    msix: bool = True
+    system_map: Path | None = None
+    timeout: float | None = None
+    host_workarounds: bool = True

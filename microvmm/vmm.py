@@ -1,0 +1,478 @@
+"""The VMM: wires KVM, guest memory, the boot loader, devices and threads
+together for one VM, runs it, and reports how it ended.
+
+Devices know nothing of KVM or the CLI; this module is the only place that
+connects them (interrupt lines to irqfds, queue notifies to ioeventfds, UART
+output to the terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microvmm.console_log import ConsoleHistory
+from microvmm.diag.report import format_snapshot
+from microvmm.diag.symbols import SymbolMap, SymbolMapError, find_system_map
+from microvmm.exitcodes import ExitCode, signal_exit_code
+from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
+from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
+from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
+from microvmm.vmconfig import VmConfig
+
+logger = logging.getLogger(__name__)
+
+COM1_BASE, COM1_IRQ = 0x3F8, 4
+TSS_ADDRESS = 0xFFFBD000
+IDENTITY_MAP_ADDRESS = 0xFFFBC000
+# x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
+MSR_IA32_MISC_ENABLE = 0x1A0
+MISC_ENABLE_FAST_STRING = 1
+
+
+class VmmError(Exception):
+    """Setting up or running the VM failed on the host side."""
+
+
+@dataclass
+class VmOutcome:
+    exit_code: int
+    summary: str
+    report: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+class _OutputSink:
+    """Where guest console bytes go on the host (stdout or a file)."""
+
+    def __init__(self, fd: int, owned: bool):
+        self.fd = fd
+        self.owned = owned
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    written = os.write(self.fd, view)
+                except BlockingIOError:
+                    time.sleep(0.001)  # a full terminal: wait, never drop
+                    continue
+                except OSError:
+                    return  # the reader went away (closed pipe): nothing to deliver to
+                view = view[written:]
+
+    def close(self) -> None:
+        if self.owned:
+            os.close(self.fd)
+
+
+class Vmm:
+    """One VM, from configuration to exit status."""
+
+    def __init__(self, config: VmConfig):
+        self.config = config
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stop: VcpuStop | None = None
+        self._signal: int | None = None
+        self._timed_out = False
+        self._closers: list = []
+        self.runners: list[VcpuRunner] = []
+        self.history = ConsoleHistory(on_panic=self._guest_panicked)
+        self._panic: str | None = None
+        self.symbols: SymbolMap | None = None
+        self.exit_counts: dict[str, int] = {}
+        self.first_run_time: float | None = None
+        self._serial_pending = bytearray()
+        self._serial_input_fd: int | None = None
+        self._serial_readable = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def run(self) -> VmOutcome:
+        kind, reason = detect_host_kind()
+        quirks = host_quirks(kind, reason, self.config.host_workarounds)
+        self.quirks = quirks
+        self._announce_host(kind, reason)
+        try:
+            self._build(quirks)
+        except Exception:
+            self._teardown()
+            raise
+        try:
+            self._start()
+            self._wait()
+        finally:
+            self._teardown()
+        return self._outcome()
+
+    def _announce_host(self, kind: HostKind, reason: str) -> None:
+        if kind is HostKind.HARDWARE:
+            return
+        if self.quirks.active:
+            print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
+                  "boot takes minutes, not milliseconds; applying host workarounds (extra command "
+                  "line options, #BP for int3, skipping fwait). --no-host-workarounds turns them off.",
+                  file=sys.stderr)
+        else:
+            print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
+                  "host workarounds are off.", file=sys.stderr)
+
+    def _build(self, quirks) -> None:
+        from microvmm.boot import guest_ram_layout, setup_linux_boot, vcpu_cpuid
+        from microvmm.kvm import CpuidEntry
+        from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
+        from microvmm.devices.i8042 import I8042, I8042_BASE, I8042_PORT_COUNT
+        from microvmm.devices.legacy import IO_DELAY_PORTS, NullDevice
+        from microvmm.devices.rtc import RTC_BASE, RTC_PORT_COUNT, CmosRtc
+        from microvmm.devices.serial import UART_PORT_COUNT, Serial16550A
+        from microvmm.eventloop import EventLoop
+        from microvmm.kvm import Cap, Kvm
+        from microvmm.memory import GuestMemory
+
+        config = self.config
+        self._load_symbols()
+        kernel_bytes = _read_file(config.kernel, "kernel")
+        initrd_bytes = _read_file(config.initrd, "initrd") if config.initrd else None
+        cmdline = merge_cmdline(config.cmdline, quirks.cmdline_additions)
+        self.cmdline = cmdline
+
+        self.kvm = kvm = Kvm()
+        self._closers.append(kvm.close)
+        for cap in (Cap.IRQCHIP, Cap.IRQFD, Cap.IOEVENTFD, Cap.USER_MEMORY, Cap.PIT2, Cap.IMMEDIATE_EXIT):
+            if not kvm.check_extension(cap):
+                raise VmmError(f"this host's KVM lacks {cap.name}, which microvmm needs")
+        self.vm = vm = kvm.create_vm()
+        self._closers.append(vm.close)
+        vm.set_tss_addr(TSS_ADDRESS)
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2(flags=0)
+
+        self.memory = memory = GuestMemory(guest_ram_layout(config.mem_size))
+        self._closers.append(memory.close)
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+
+        self.loop = loop = EventLoop()
+        self._closers.append(loop.close)
+        self.io_bus = Bus("pio", address_limit=PIO_ADDRESS_LIMIT)
+        self.mmio_bus = Bus("mmio", unclaimed_granule=0x1000)
+
+        # Legacy devices
+        self._serial_sink = self._open_serial_sink()
+        self.serial = Serial16550A(irq_level=lambda level: vm.irq_line(COM1_IRQ, level),
+                                   output=self._serial_output,
+                                   rx_ready=lambda: self.loop.call_soon_threadsafe(self._feed_serial))
+        self.io_bus.register(COM1_BASE, UART_PORT_COUNT, self.serial, "com1")
+        self.io_bus.register(I8042_BASE, I8042_PORT_COUNT, I8042(reset_requested=self._reset_requested),
+                             "i8042")
+        self.io_bus.register(RTC_BASE, RTC_PORT_COUNT, CmosRtc(), "rtc")
+        for delay_port in IO_DELAY_PORTS:
+            self.io_bus.register(delay_port.base, delay_port.length, NullDevice(), delay_port.name)
+
+        pci_irqs = self._build_pci()
+
+        boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
+                                num_cpus=config.cpus, pci_irqs=pci_irqs)
+        self.boot = boot
+        supported = kvm.get_supported_cpuid()
+        for index in range(config.cpus):
+            vcpu = vm.create_vcpu(index)
+            self._closers.append(vcpu.close)
+            vcpu.set_cpuid2([CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                             for e in vcpu_cpuid(supported, index, config.cpus)])
+            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
+            if index == 0:
+                self._set_boot_state(vcpu, boot)
+            runner = VcpuRunner(index, vcpu, memory, self.io_bus, self.mmio_bus, quirks,
+                                on_stop=self._vcpu_stopped, stats=self.exit_counts)
+            self.runners.append(runner)
+
+    def _build_pci(self) -> list:
+        """The PCI bus and, when ports are configured, the virtio-console function."""
+        from microvmm.boot import PciIrq
+        from microvmm.pci.bus import (CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, IO_BAR_WINDOW,
+                                      MMIO_BAR_WINDOW, PciBus)
+        self.pci = pci = PciBus()
+        self.io_bus.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, pci, "pci-config")
+        self.io_bus.register(IO_BAR_WINDOW[0], IO_BAR_WINDOW[1] - IO_BAR_WINDOW[0],
+                             _PciBarWindow(pci, IO_BAR_WINDOW[0], pci.io_read, pci.io_write), "pci-io")
+        self.mmio_bus.register(MMIO_BAR_WINDOW[0], MMIO_BAR_WINDOW[1] - MMIO_BAR_WINDOW[0],
+                               _PciBarWindow(pci, MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
+                               "pci-mmio")
+        if self.config.ports:
+            from microvmm.console_wiring import attach_console
+            self.console = attach_console(self, pci)
+        return [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
+                for a in pci.pci_irq_assignments()]
+
+    def _set_boot_state(self, vcpu, boot) -> None:
+        """Long mode at the kernel's 64-bit entry, as the boot loader computed it."""
+        from microvmm.kvm import DTable, Fpu, Regs, Segment
+        state = boot.cpu_state
+        sregs = vcpu.get_sregs()
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
+            seg = getattr(state, name)
+            setattr(sregs, name, Segment(base=seg.base, limit=seg.limit, selector=seg.selector,
+                                         type=seg.type, present=seg.present, dpl=seg.dpl, db=seg.db,
+                                         s=seg.s, l=seg.l, g=seg.g, avl=seg.avl))
+        sregs.gdt = DTable(state.gdt.base, state.gdt.limit)
+        sregs.idt = DTable(state.idt.base, state.idt.limit)
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(Regs(rip=state.rip, rsp=state.rsp, rsi=state.rsi, rflags=state.rflags))
+        vcpu.set_fpu(Fpu())
+
+    def _start(self) -> None:
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        self._previous_handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
+        self._start_serial_input()
+        self.loop.start()
+        self.start_time = time.monotonic()
+        for runner in self.runners:
+            runner.start()
+
+    def _wait(self) -> None:
+        deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
+        while not self._stopped.is_set():
+            remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if remaining <= 0:
+                self._timed_out = True
+                self._timeout_report = self._where_report()
+                self._request_stop(VcpuStop(StopReason.SHUTDOWN, "timeout", fatal=False))
+                break
+            self._stopped.wait(remaining)
+
+    def _teardown(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+        for runner in self.runners:
+            if runner.thread.is_alive():
+                runner.thread.join(timeout=5)
+        if getattr(self, "_raw_terminal", None):
+            self._raw_terminal.restore()
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception as err:  # keep closing the rest
+                logger.debug("teardown: %s", err)
+        self._closers.clear()
+        sink = getattr(self, "_serial_sink", None)
+        if sink:
+            sink.close()
+
+    # -- stop paths -----------------------------------------------------------
+
+    def _request_stop(self, stop: VcpuStop) -> None:
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = stop
+        self._stopped.set()
+        for runner in self.runners:
+            runner.stop()
+
+    def _vcpu_stopped(self, stop: VcpuStop) -> None:
+        self._request_stop(stop)
+
+    def _reset_requested(self) -> None:
+        self._request_stop(VcpuStop(StopReason.RESET, "i8042 reset", fatal=False))
+
+    def _guest_panicked(self, line: str) -> None:
+        self._panic = line
+        # panic=-1 reboots at once; without it the guest would sit in its panic
+        # loop: end the VM as soon as the line is seen, after the trace lines.
+        self.loop.call_later(1.0, lambda: self._request_stop(
+            VcpuStop(StopReason.SHUTDOWN, "kernel panic", fatal=False)))
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signal = signum
+        self._request_stop(VcpuStop(StopReason.SHUTDOWN, f"signal {signal.Signals(signum).name}",
+                                    fatal=False))
+
+    def _on_dump_request(self, _signum: int, _frame) -> None:
+        threading.Thread(target=lambda: self._print_report(self._where_report()),
+                         name="microvmm-dump", daemon=True).start()
+
+    def _where_report(self) -> str:
+        parts = []
+        for runner in self.runners:
+            snapshot = runner.request_snapshot()
+            parts.append(format_snapshot(snapshot, self.symbols) if snapshot
+                         else f"vCPU {runner.index}: not responding")
+        return "\n".join(parts)
+
+    def _print_report(self, text: str) -> None:
+        out = text.replace("\n", "\r\n") if getattr(self, "_raw_terminal", None) else text
+        os.write(sys.stderr.fileno(), (out + ("\r\n" if "\r\n" in out else "\n")).encode())
+
+    # -- outcome --------------------------------------------------------------
+
+    def _outcome(self) -> VmOutcome:
+        stop = self._stop or VcpuStop(StopReason.SHUTDOWN, "stopped", fatal=False)
+        elapsed = time.monotonic() - getattr(self, "start_time", time.monotonic())
+        tail = "\n".join("  | " + line for line in self.history.lines()[-15:])
+        if self._timed_out:
+            return VmOutcome(ExitCode.TIMEOUT, f"timeout after {self.config.timeout:g} s",
+                             report=f"last console lines:\n{tail}\nwhere the vCPUs were:\n"
+                                    f"{self._timeout_report}")
+        if self._signal is not None:
+            return VmOutcome(signal_exit_code(self._signal),
+                             f"stopped by {signal.Signals(self._signal).name} after {elapsed:.1f} s")
+        if self._panic:
+            return VmOutcome(ExitCode.GUEST_PANIC, f"guest kernel panic: {self._panic}",
+                             report=f"last console lines:\n{tail}")
+        if not stop.fatal:
+            return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value} after {elapsed:.1f} s")
+        report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
+        if stop.snapshot:
+            report.append(format_snapshot(stop.snapshot, self.symbols))
+        report.append(f"last console lines:\n{tail}")
+        code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
+        return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))
+
+    # -- serial console wiring ------------------------------------------------
+
+    def _load_symbols(self) -> None:
+        path = self.config.system_map or find_system_map(self.config.kernel)
+        if path:
+            try:
+                self.symbols = SymbolMap.from_file(path)
+            except SymbolMapError as err:
+                logger.warning("%s; diagnostics will show raw addresses", err)
+
+    def _open_serial_sink(self) -> _OutputSink | None:
+        serial = self.config.serial
+        if serial.kind == "stdio":
+            return _OutputSink(sys.stdout.fileno(), owned=False)
+        if serial.kind == "file":
+            try:
+                fd = os.open(serial.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
+            except OSError as err:
+                raise VmmError(f"--serial file:{serial.path}: {err.strerror}") from err
+            return _OutputSink(fd, owned=True)
+        return None
+
+    def _serial_output(self, data: bytes) -> None:
+        self.history.feed(data)
+        if self._serial_sink:
+            self._serial_sink.write(data)
+
+    def _start_serial_input(self) -> None:
+        if self.config.serial.kind != "stdio":
+            return
+        fd = sys.stdin.fileno() if sys.stdin else -1
+        try:
+            os.fstat(fd)
+        except OSError:
+            return  # no stdin at all (CI): the guest simply gets no input
+        self._raw_terminal = RawTerminal(fd)
+        interactive = self._raw_terminal.enter()
+        escape = EscapeFilter() if interactive else None
+        if interactive:
+            print(f"microvmm: {ESCAPE_HELP}\r", file=sys.stderr)
+        pending = self._serial_pending
+
+        def deliver(data: bytes) -> None:
+            if escape:
+                data, commands = escape.feed(data)
+                for command in commands:
+                    if command == "quit":
+                        self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
+                    elif command == "help":
+                        self._print_report(ESCAPE_HELP)
+            pending.extend(data)
+            self._feed_serial()
+
+        def readable() -> None:
+            if pending:
+                self.loop.remove_reader(fd)  # resumed by _feed_serial once the UART drains
+                return
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.remove_reader(fd)  # EOF: the guest keeps running without input
+                self._serial_input_fd = None
+                return
+            deliver(data)
+
+        if stat.S_ISREG(os.fstat(fd).st_mode) or os.path.samefile(f"/proc/self/fd/{fd}", os.devnull):
+            # epoll cannot watch files: read them on a helper thread instead.
+            def read_all() -> None:
+                while data := os.read(fd, 4096):
+                    self.loop.call_soon_threadsafe(lambda data=data: deliver(data))
+            threading.Thread(target=read_all, name="microvmm-stdin", daemon=True).start()
+            return
+        self._serial_input_fd = fd
+        self._serial_readable = readable
+        self.loop.add_reader(fd, readable)
+
+    def _feed_serial(self) -> None:
+        """Move pending host input into the UART FIFO, only as much as it takes:
+        the rest waits for its rx_ready callback (no loss, no busy loop)."""
+        pending = self._serial_pending
+        if pending:
+            taken = self.serial.enqueue_input(bytes(pending))
+            del pending[:taken]
+        if not pending and self._serial_input_fd is not None and self._serial_readable:
+            self.loop.add_reader(self._serial_input_fd, self._serial_readable)
+
+
+class _PciBarWindow:
+    """Forwards a PCI address window to the bus, which knows the current BARs."""
+
+    def __init__(self, pci, base: int, read, write):
+        self._base = base
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        value = self._read(self._base + offset, size)
+        return (1 << (8 * size)) - 1 if value is None else value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._write(self._base + offset, size, value)
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise VmmError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+def run_vm(config: VmConfig) -> int:
+    """Run a VM to its end; print the summary (and report) on stderr."""
+    from microvmm.boot.errors import BootError
+    from microvmm.kvm import KvmError, KvmUnavailableError
+    try:
+        outcome = Vmm(config).run()
+    except KvmUnavailableError as err:
+        print(f"microvmm: error: {err}", file=sys.stderr)
+        return ExitCode.VMM_ERROR
+    except (VmmError, BootError, KvmError) as err:
+        print(f"microvmm: error: {err}", file=sys.stderr)
+        return ExitCode.VMM_ERROR
+    if outcome.report:
+        print(outcome.report, file=sys.stderr)
+    print(f"microvmm: {outcome.summary}", file=sys.stderr)
+    return outcome.exit_code
