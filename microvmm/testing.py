@@ -1,0 +1,164 @@
+"""Drive a `microvmm run` process from Python: boot, expect output, run shell
+commands on the guest console, and stop it without leaving anything behind.
+
+Used by the project's end-to-end tests; usable by anyone who wants to script
+a guest from pytest or a CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BOOT_MARKER = "microvmm: init reached"
+PROMPT = "microvmm# "
+
+
+class GuestTimeout(AssertionError):
+    """Expected output did not appear in time; the message shows what did."""
+
+
+class _Stream:
+    """Collects a pipe's bytes on a thread; `expect` waits for a regex."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._data = bytearray()
+        self._cond = threading.Condition()
+        self.closed = False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        fd = self._pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            with self._cond:
+                if not chunk:
+                    self.closed = True
+                    self._cond.notify_all()
+                    return
+                self._data += chunk
+                self._cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._data.decode(errors="replace")
+
+    def expect(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                match = regex.search(self._data, start)
+                if match:
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.closed:
+                    tail = self._data[-2000:].decode(errors="replace")
+                    why = "output ended" if self.closed else f"no match after {timeout:g} s"
+                    raise GuestTimeout(f"{why} waiting for {pattern!r}; last output:\n{tail}")
+                self._cond.wait(min(remaining, 1.0))
+
+    def slice(self, start: int, end: int) -> str:
+        with self._cond:
+            return self._data[start:end].decode(errors="replace")
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self._data)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class GuestProcess:
+    """A `microvmm run` child whose console (serial or an @stdio port) is on pipes."""
+
+    def __init__(self, *run_args: str, env: dict | None = None, cwd: str | os.PathLike | None = None):
+        self.args = [sys.executable, "-m", "microvmm", "run", *run_args]
+        self.proc = subprocess.Popen(
+            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd=cwd, start_new_session=True)
+        self.stdout = _Stream(self.proc.stdout)
+        self.stderr = _Stream(self.proc.stderr)
+        self._command_seq = 0
+
+    def expect(self, pattern: str, timeout: float = 60.0, start: int = 0) -> re.Match:
+        return self.stdout.expect(pattern, timeout, start)
+
+    def send(self, data: str | bytes) -> None:
+        self.proc.stdin.write(data.encode() if isinstance(data, str) else data)
+        self.proc.stdin.flush()
+
+    def wait_for_shell(self, timeout: float = 600.0) -> None:
+        self.expect(re.escape(BOOT_MARKER), timeout)
+        self.expect(re.escape(PROMPT), 120)
+        # Without echo, busybox's line editor reads plain lines: no echoed
+        # command lines or cursor queries mixed into command output.
+        start = self.stdout.mark()
+        self.send("stty -echo\n")
+        self.expect(re.escape(PROMPT), 60, start)
+
+    def run(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run a shell command on the guest console; (exit status, its output)."""
+        self._command_seq += 1
+        tag = f"MVM{self._command_seq}"
+        start = self.stdout.mark()
+        # Should the command line be echoed, it shows "$?" literally: only the
+        # real output of the final echo matches the status pattern.
+        self.send(f"{command}; echo \"<{tag}:$?>\"\n")
+        match = self.expect(rf"<{tag}:(\d+)>", timeout, start)
+        text = self.stdout.slice(start, match.start()).replace("\r\n", "\n")
+        # Prompts printed after the previous command precede the output.
+        text = re.sub(r"^(?:\s*" + re.escape(PROMPT) + ")+", "", text)
+        return int(match.group(1)), text
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestTimeout(f"microvmm still running after {timeout:g} s; last output:\n"
+                               f"{self.stdout.text[-2000:]}\nstderr:\n{self.stderr.text[-2000:]}") from None
+        self.stdout.join(5)
+        self.stderr.join(5)
+        return code
+
+    def kill(self) -> None:
+        """End the VMM (SIGTERM, then SIGKILL) and close the pipes."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "GuestProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def default_images() -> Path:
+    from microvmm.cli import default_images_dir
+    return default_images_dir()

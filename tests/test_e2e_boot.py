@@ -1,0 +1,70 @@
+"""The default guest on real KVM: boots to the init marker, runs commands on
+the serial console, answers SIGUSR1 with where it is, powers off with 0.
+
+One boot serves the whole module (a boot costs about a minute on an
+emulating KVM host); the tests run in file order and the last one powers off.
+"""
+
+import json
+import re
+import signal
+
+import pytest
+
+from tests.e2e_support import IMAGES, boot
+
+
+@pytest.fixture(scope="module")
+def guest():
+    vm = boot()
+    yield vm
+    vm.kill()
+
+
+def test_shell_runs_commands_with_their_status(guest):
+    status, out = guest.run("uname -r")
+    assert status == 0
+    # the kernel the images were built from: Debian's linux-source-6.1 version
+    version = json.loads((IMAGES / "manifest.json").read_text())["versions"]["linux-source-6.1"]
+    assert out.strip() == version.split("-")[0]
+    status, _ = guest.run("false")
+    assert status == 1
+    status, out = guest.run("echo $((6 * 7)) > /tmp/x && cat /tmp/x")
+    assert (status, out.strip()) == (0, "42")
+
+
+def test_guest_sees_configured_hardware(guest):
+    status, out = guest.run("grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo")
+    assert status == 0
+    cpus, mem = out.strip().splitlines()
+    assert cpus == "1"
+    total_kib = int(mem.split()[1])
+    assert 40_000 < total_kib <= 65_536  # 64 MiB guest minus the kernel's own share
+
+
+def test_serial_input_reaches_guest_in_order(guest):
+    data = "".join(chr(ord("a") + i % 26) for i in range(300))
+    guest.send(f"read -r line\n{data}\n")
+    status, out = guest.run("echo ${#line} $line")
+    assert status == 0
+    assert out.strip() == f"300 {data}"
+
+
+def test_sigusr1_reports_symbolized_vcpu_state(guest):
+    start = guest.stderr.mark()
+    guest.proc.send_signal(signal.SIGUSR1)
+    match = guest.stderr.expect(r"vCPU 0: RIP (0x[0-9a-f]+) <(\w+)\+0x[0-9a-f]+>.*\n(.*\n){1,8}.*CR3=",
+                                timeout=30, start=start)
+    rip = int(match.group(1), 16)
+    assert rip >= 0xFFFFFFFF80000000  # in the kernel: an idle guest sits in its idle loop
+    names = {line.split()[2] for line in (IMAGES / "System.map").read_text().splitlines()
+             if len(line.split()) == 3}
+    assert match.group(2).decode() in names
+    status, _ = guest.run("true")  # still alive after the dump
+    assert status == 0
+
+
+def test_poweroff_ends_vm_with_status_zero(guest):
+    guest.send("poweroff\n")
+    assert guest.wait(120) == 0
+    assert "guest stopped: the guest requested a reset" in guest.stderr.text
