@@ -90,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ports in ACRN's device syntax, e.g. --device virtio-console,@stdio:con,pty:p1")
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
-    run.add_argument("--no-msix", action="store_true",
-                     help="offer no MSI-X: the console interrupts through INTx")
     run.add_argument("--system-map", metavar="PATH",
                      help="System.map for symbolized diagnostics (default: beside the kernel)")
     run.add_argument("--timeout", metavar="SECONDS", type=float,
@@ -141,12 +139,14 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
                          "use --serial off or --serial file:PATH")
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
+    if args.cmdline is None and any(p.console for p in ports):
+        # The last console= becomes /dev/console: the guest shell goes to hvc0.
+        cmdline += " console=hvc0"
     if args.append:
         cmdline = f"{cmdline} {args.append}"
     return VmConfig(
         kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=parse_size(args.mem),
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
-        msix=not args.no_msix,
         system_map=Path(args.system_map) if args.system_map else None,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
     )

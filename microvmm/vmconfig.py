@@ -36,7 +36,6 @@ class VmConfig:
     serial: SerialConfig = field(default_factory=lambda: SerialConfig("stdio"))
     ports: list["PortSpec"] = field(default_factory=list)
     queue_size: int = 64
-    msix: bool = True
     system_map: Path | None = None
     timeout: float | None = None
     host_workarounds: bool = True

@@ -211,10 +211,88 @@ class Vmm:
                                _PciBarWindow(pci, MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
                                "pci-mmio")
         if self.config.ports:
-            from microvmm.console_wiring import attach_console
-            self.console = attach_console(self, pci)
+            self._attach_console(pci)
         return [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
                 for a in pci.pci_irq_assignments()]
+
+    def _attach_console(self, pci) -> None:
+        """The virtio-console function: queue kicks via ioeventfd, interrupts via irqfd."""
+        from microvmm.interrupts import GsiRouter, KvmIntxLine, KvmMsiController
+        from microvmm.virtio.pci_legacy import VirtioPciLegacy
+        from microvmm.virtio_console import BackendError, VirtioConsole
+
+        escape = EscapeFilter()
+
+        def stdio_filter(data: bytes) -> bytes:
+            data, commands = escape.feed(data)
+            self._escape_commands(commands)
+            return data
+
+        try:
+            console = VirtioConsole.from_specs(self.config.ports, self.loop,
+                                               queue_size=self.config.queue_size,
+                                               announce=sys.stderr, input_filter=stdio_filter)
+        except BackendError as err:
+            raise VmmError(str(err)) from err
+        self.console = console
+        self._closers.append(console.close)
+        self._closers.append(console.restore_terminals)
+        transport = VirtioPciLegacy(console, self.memory)
+        assignment = pci.add_device(transport, slot=1)
+        router = GsiRouter(self.vm)
+        msi = KvmMsiController(self.vm, router, transport.num_queues + 1)
+        self._closers.append(msi.close)
+        intx = None
+        if assignment is not None:
+            intx = KvmIntxLine(self.vm, assignment.gsi, self.loop, transport.intx_resample)
+            self._closers.append(intx.close)
+        transport.connect_interrupts(intx=intx, msi=msi)
+        self._ioeventfds: dict = {}
+        self._closers.append(self._remove_ioeventfds)
+        pci.bar_listener = lambda function, *_: self._sync_ioeventfds(function)
+        self._sync_ioeventfds(transport)
+        self._watch_winch = any(p.backend.value in ("stdio", "tty", "pty") for p in self.config.ports)
+
+    def _sync_ioeventfds(self, transport) -> None:
+        """Keep one ioeventfd per queue on the notify register's current address."""
+        wanted = {(spec.port, spec.datamatch): spec for spec in transport.notify_ioeventfds()}
+        for key in list(self._ioeventfds):
+            if key not in wanted:
+                fd = self._ioeventfds.pop(key)
+                self.loop.remove_reader(fd)
+                self.vm.ioeventfd_remove(fd, key[0], 2, datamatch=key[1], pio=True)
+                os.close(fd)
+        for key, spec in wanted.items():
+            if key in self._ioeventfds:
+                continue
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.vm.ioeventfd(fd, spec.port, spec.size, datamatch=spec.datamatch, pio=True)
+            self._ioeventfds[key] = fd
+
+            def kicked(fd=fd, index=spec.queue_index) -> None:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    return
+                transport.queue_notify(index)
+            self.loop.add_reader(fd, kicked)
+
+    def _remove_ioeventfds(self) -> None:
+        for (port, datamatch), fd in self._ioeventfds.items():
+            self.loop.remove_reader(fd)
+            try:
+                self.vm.ioeventfd_remove(fd, port, 2, datamatch=datamatch, pio=True)
+            except OSError:
+                pass
+            os.close(fd)
+        self._ioeventfds.clear()
+
+    def _escape_commands(self, commands: list[str]) -> None:
+        for command in commands:
+            if command == "quit":
+                self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
+            elif command == "help":
+                self._print_report(ESCAPE_HELP)
 
     def _set_boot_state(self, vcpu, boot) -> None:
         """Long mode at the kernel's 64-bit entry, as the boot loader computed it."""
@@ -239,6 +317,10 @@ class Vmm:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
+        if getattr(self, "_watch_winch", False):
+            # the host terminal was resized: tell the guest (RESIZE control message)
+            self._previous_handlers[signal.SIGWINCH] = signal.signal(
+                signal.SIGWINCH, lambda *_: self.console.refresh_sizes())
         self._start_serial_input()
         self.loop.start()
         self.start_time = time.monotonic()
@@ -391,11 +473,7 @@ class Vmm:
         def deliver(data: bytes) -> None:
             if escape:
                 data, commands = escape.feed(data)
-                for command in commands:
-                    if command == "quit":
-                        self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
-                    elif command == "help":
-                        self._print_report(ESCAPE_HELP)
+                self._escape_commands(commands)
             pending.extend(data)
             self._feed_serial()
 
