@@ -322,6 +322,64 @@ class FileBackend(PortBackend):
         os.close(self._fd)
 
 
+class FdSinkBackend(PortBackend):
+    """Output-only to an fd the VMM inherited (its stdout or stderr).
+
+    The fd's O_NONBLOCK flag is shared with whoever else holds it (the user's
+    shell), so it is never set; instead a write happens only when poll says
+    the fd is writable and takes at most PIPE_BUF bytes, which a writable pipe
+    accepts without blocking.
+    """
+
+    kind = BackendKind.FILE
+    has_input = False
+    _CHUNK = select.PIPE_BUF
+
+    def __init__(self, name: str, fd: int):
+        super().__init__(name)
+        self.fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLOUT)
+        self._connected = True
+
+    def _output_fd(self) -> int | None:
+        return self.fd
+
+    def write(self, data: bytes | memoryview) -> int:
+        ready = self._poll.poll(0)
+        if not ready:
+            return 0
+        if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            # The reader is gone: nobody will ever take these bytes.
+            self._set_connected(False)
+            return 0
+        try:
+            return os.write(self.fd, data[:self._CHUNK])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            logger.error("port %s: writing to fd %d failed: %s", self.name, self.fd, exc.strerror)
+            self._set_connected(False)
+            return 0
+
+
+class CaptureBackend(PortBackend):
+    """Output-only into memory, bounded (e.g. a command's exit status)."""
+
+    kind = BackendKind.FILE
+    has_input = False
+
+    def __init__(self, name: str, limit: int = 4096):
+        super().__init__(name)
+        self.limit = limit
+        self.data = bytearray()
+        self._connected = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.data += bytes(data[:max(0, self.limit - len(self.data))])
+        return len(data)  # beyond the limit the rest is not ours to keep
+
+
 class StdioBackend(PortBackend):
     """The VMM's own stdin/stdout: raw mode if stdin is a terminal; pipes work too.
 

@@ -109,6 +109,9 @@ class VirtioConsole(VirtioDevice):
         self._fail: Callable[[str], None] = lambda reason: None
         self._generation = 0
         self._control_out: deque[bytes] = deque()
+        #: Sees every byte a port delivered to its backend (the VMM's log and
+        #: failure watch); called on the I/O thread.
+        self.output_tap: Callable[[str, bytes], None] | None = None
         for port in self.ports:
             listener = _PortListener(self, port)
             loop.call_soon_threadsafe(lambda p=port, li=listener: p.backend.attach(loop, li))
@@ -304,6 +307,8 @@ class VirtioConsole(VirtioDevice):
     def _write_out(self, port: Port, data: bytes | memoryview) -> int:
         written = port.backend.write(data)
         port.to_host_bytes += written
+        if written and self.output_tap is not None:
+            self.output_tap(port.spec.name, bytes(data[:written]))
         return written
 
     def _flush_held(self, port: Port) -> bool:
