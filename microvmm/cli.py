@@ -43,13 +43,19 @@ def default_images_dir() -> Path:
     return Path.cwd() / "images"
 
 
-RUN_EXAMPLES = """examples:
+RUN_EXAMPLES = """usage with a guest command: microvmm run [options] -- CMD [ARGS...]
+  runs CMD in the guest (default initramfs, or one following guest/README.md),
+  streams its stdout/stderr to ours, and exits with its status.
+
+examples:
   microvmm run                                    boot the default guest (images/)
   microvmm run --kernel bzImage --console @pty:p0 the guest console on a new pty
   microvmm run --kernel vmlinux --initrd initramfs.cpio --mem 128M --cpus 2
   microvmm run --serial file:boot.log --append 'initcall_debug'
   microvmm run --console @stdio:con --console socket:ctl=/tmp/ctl.sock:server
   microvmm run --device virtio-console,@pty:p0,file:log=/tmp/guest.log
+  microvmm run --timeout 300 -- uname -a              run a command, exit with its status
+  microvmm run --expect 'init reached' --boot-timeout 120 --junit boot.xml   boot smoke test
 
 interactive console: Ctrl-A x quits, Ctrl-A h shows help; Ctrl-C goes to the guest.
 SIGUSR1 (kill -USR1 PID) prints where every vCPU is: symbolized RIP, CR2, CR3, registers.
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="microvmm", description="A KVM micro-VMM with an integrated virtio-console.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-vv for debug)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run", help="boot a Linux guest", description="Boot a Linux guest.",
         epilog=RUN_EXAMPLES + "\n" + HELP_TEXT,
@@ -94,14 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="System.map for symbolized diagnostics (default: beside the kernel)")
     run.add_argument("--timeout", metavar="SECONDS", type=float,
                      help="kill the VM after this long and exit 124, e.g. --timeout 300")
+    run.add_argument("--boot-timeout", metavar="SECONDS", type=float,
+                     help="fail (124) if the guest has not reached init by then, e.g. --boot-timeout 120")
+    run.add_argument("--idle-timeout", metavar="SECONDS", type=float,
+                     help="fail (124) after this long without console output, e.g. --idle-timeout 60")
+    run.add_argument("--fail-on", choices=("panic", "oops", "warn"), default="oops",
+                     help="lowest kernel report that fails the run (default oops: panics, "
+                          "Oopses, BUG: and sanitizer reports; warn adds WARNING:), e.g. --fail-on warn")
+    run.add_argument("--expect", metavar="REGEX",
+                     help="succeed (0) as soon as console output matches, e.g. --expect 'login:'")
+    run.add_argument("--expect-port", metavar="NAME",
+                     help="where --expect looks: 'serial' or a console port name (default: everywhere)")
+    run.add_argument("--log", metavar="FILE",
+                     help="append all console output, each line tagged with time and port, e.g. --log run.log")
+    run.add_argument("--junit", metavar="FILE", help="write a JUnit XML result, e.g. --junit boot.xml")
+    run.add_argument("--json", metavar="FILE", help="write a JSON result, e.g. --json boot.json")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
     check = commands.add_parser("check-host", help="report what kind of KVM this host has")
-    check.set_defaults(command="check-host")
+
     return parser
 
 
 def _config_from_args(args: argparse.Namespace):
+    from microvmm.run_monitor import FailureLevel
     from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
     from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
 
@@ -121,8 +143,15 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError(f"--cpus {args.cpus}: must be between 1 and 64")
     if not 2 <= args.queue_size <= 32768 or args.queue_size & (args.queue_size - 1):
         raise UsageError(f"--queue-size {args.queue_size}: must be a power of two from 2 to 32768")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout}: must be positive")
+    for option in ("timeout", "boot_timeout", "idle_timeout"):
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be positive")
+    if args.expect is not None:
+        try:
+            re.compile(args.expect)
+        except re.error as err:
+            raise UsageError(f"--expect {args.expect!r}: not a valid regular expression: {err}") from None
     try:
         serial = SerialConfig.parse(args.serial)
     except ValueError as err:
@@ -138,6 +167,13 @@ def _config_from_args(args: argparse.Namespace):
     if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
                          "use --serial off or --serial file:PATH")
+    if args.expect_port is not None and args.expect_port != "serial" and \
+            args.expect_port not in {p.name for p in ports}:
+        raise UsageError(f"--expect-port {args.expect_port!r}: no such port (use 'serial' or a --console name)")
+    if args.command is not None and not args.command:
+        raise UsageError("nothing after '--': give the command to run in the guest")
+    if args.command is not None and any(p.name.startswith("microvmm.") for p in ports):
+        raise UsageError("port names starting with 'microvmm.' are reserved for '-- CMD' runs")
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
     if args.cmdline is None and any(p.console for p in ports):
         # The last console= becomes /dev/console: the guest shell goes to hvc0.
@@ -149,17 +185,30 @@ def _config_from_args(args: argparse.Namespace):
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
         system_map=Path(args.system_map) if args.system_map else None,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
+        command=args.command, boot_timeout=args.boot_timeout, idle_timeout=args.idle_timeout,
+        fail_on=FailureLevel[args.fail_on.upper()], expect=args.expect, expect_port=args.expect_port,
+        log=Path(args.log) if args.log else None, junit=Path(args.junit) if args.junit else None,
+        json=Path(args.json) if args.json else None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first '--' is the guest command, verbatim.
+    command = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
+    args.command = command
+    if command is not None and args.command_name != "run":
+        parser.error("'-- CMD' only goes with 'run'")
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
         stream=sys.stderr)
-    if args.command == "check-host":
+    if args.command_name == "check-host":
         from microvmm.hostinfo import detect_host_kind
         kind, reason = detect_host_kind()
         print(f"{kind.value}: {reason}")

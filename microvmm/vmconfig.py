@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from microvmm.run_monitor import FailureLevel
+
 if TYPE_CHECKING:
     from microvmm.virtio_console.spec import PortSpec
 
@@ -39,3 +41,13 @@ class VmConfig:
     system_map: Path | None = None
     timeout: float | None = None
     host_workarounds: bool = True
+    #: `-- CMD ARGS`: run this in the guest and exit with its status.
+    command: list[str] | None = None
+    boot_timeout: float | None = None
+    idle_timeout: float | None = None
+    fail_on: FailureLevel = FailureLevel.OOPS
+    expect: str | None = None
+    expect_port: str | None = None
+    log: Path | None = None
+    junit: Path | None = None
+    json: Path | None = None

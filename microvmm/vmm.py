@@ -8,8 +8,11 @@ output to the terminal).
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
+import shlex
 import signal
 import stat
 import sys
@@ -18,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microvmm.console_log import ConsoleHistory
 from microvmm.diag.report import format_snapshot
 from microvmm.diag.symbols import SymbolMap, SymbolMapError, find_system_map
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
 from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
+from microvmm.run_monitor import SERIAL_PORT, Failure, FailureLevel, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
 
@@ -56,9 +59,13 @@ class _OutputSink:
         self.fd = fd
         self.owned = owned
         self._lock = threading.Lock()
+        #: False while the guest's last line is unfinished (a prompt).
+        self.at_line_start = True
 
     def write(self, data: bytes) -> None:
         with self._lock:
+            if data:
+                self.at_line_start = data.endswith(b"\n")
             view = memoryview(data)
             while view:
                 try:
@@ -84,11 +91,23 @@ class Vmm:
         self._stopped = threading.Event()
         self._stop: VcpuStop | None = None
         self._signal: int | None = None
-        self._timed_out = False
         self._closers: list = []
         self.runners: list[VcpuRunner] = []
-        self.history = ConsoleHistory(on_panic=self._guest_panicked)
-        self._panic: str | None = None
+        self._log_file = None
+        if config.log:
+            try:
+                self._log_file = open(config.log, "a", encoding="utf-8")
+            except OSError as err:
+                raise VmmError(f"--log {config.log}: {err.strerror}") from err
+        self.monitor = RunMonitor(
+            log=self._log_file, fail_on=config.fail_on,
+            expect=re.compile(config.expect.encode()) if config.expect else None,
+            expect_port=config.expect_port, on_failure=self._guest_failed,
+            on_expect=self._expected_output)
+        self._failure: Failure | None = None
+        self._timeout_kind: str | None = None
+        self._expect_seen = False
+        self._status_port = None
         self.symbols: SymbolMap | None = None
         self.exit_counts: dict[str, int] = {}
         self.first_run_time: float | None = None
@@ -144,6 +163,8 @@ class Vmm:
         kernel_bytes = _read_file(config.kernel, "kernel")
         initrd_bytes = _read_file(config.initrd, "initrd") if config.initrd else None
         cmdline = merge_cmdline(config.cmdline, quirks.cmdline_additions)
+        if config.command is not None:
+            cmdline = f"{cmdline} {COMMAND_PARAM}={command_parameter(config.command)}"
         self.cmdline = cmdline
 
         self.kvm = kvm = Kvm()
@@ -210,7 +231,7 @@ class Vmm:
         self.mmio_bus.register(MMIO_BAR_WINDOW[0], MMIO_BAR_WINDOW[1] - MMIO_BAR_WINDOW[0],
                                _PciBarWindow(pci, MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
                                "pci-mmio")
-        if self.config.ports:
+        if self.config.ports or self.config.command is not None:
             self._attach_console(pci)
         return [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
                 for a in pci.pci_irq_assignments()]
@@ -219,7 +240,7 @@ class Vmm:
         """The virtio-console function: queue kicks via ioeventfd, interrupts via irqfd."""
         from microvmm.interrupts import GsiRouter, KvmIntxLine, KvmMsiController
         from microvmm.virtio.pci_legacy import VirtioPciLegacy
-        from microvmm.virtio_console import BackendError, VirtioConsole
+        from microvmm.virtio_console import BackendError, VirtioConsole, create_backend
 
         escape = EscapeFilter()
 
@@ -229,11 +250,15 @@ class Vmm:
             return data
 
         try:
-            console = VirtioConsole.from_specs(self.config.ports, self.loop,
-                                               queue_size=self.config.queue_size,
-                                               announce=sys.stderr, input_filter=stdio_filter)
+            ports = [(spec, create_backend(spec, sys.stderr, stdio_filter)) for spec in self.config.ports]
         except BackendError as err:
             raise VmmError(str(err)) from err
+        if self.config.command is not None:
+            ports += self._command_ports()
+        for _, backend in ports:
+            self._closers.append(backend.close)
+        console = VirtioConsole(ports, self.loop, queue_size=self.config.queue_size)
+        console.output_tap = self.monitor.feed
         self.console = console
         self._closers.append(console.close)
         self._closers.append(console.restore_terminals)
@@ -252,6 +277,18 @@ class Vmm:
         pci.bar_listener = lambda function, *_: self._sync_ioeventfds(function)
         self._sync_ioeventfds(transport)
         self._watch_winch = any(p.backend.value in ("stdio", "tty", "pty") for p in self.config.ports)
+
+    def _command_ports(self) -> list:
+        """The ports a `-- CMD` run talks through (see guest/README.md)."""
+        from microvmm.virtio_console.backends import CaptureBackend, FdSinkBackend
+        from microvmm.virtio_console.spec import BackendKind, PortSpec
+
+        def spec(name: str) -> PortSpec:
+            return PortSpec(console=False, backend=BackendKind.FILE, name=name, path=None)
+        self._status_port = CaptureBackend(COMMAND_STATUS_PORT)
+        return [(spec(COMMAND_STDOUT_PORT), FdSinkBackend(COMMAND_STDOUT_PORT, sys.stdout.fileno())),
+                (spec(COMMAND_STDERR_PORT), FdSinkBackend(COMMAND_STDERR_PORT, sys.stderr.fileno())),
+                (spec(COMMAND_STATUS_PORT), self._status_port)]
 
     def _sync_ioeventfds(self, transport) -> None:
         """Keep one ioeventfd per queue on the notify register's current address."""
@@ -328,15 +365,22 @@ class Vmm:
             runner.start()
 
     def _wait(self) -> None:
-        deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
-        while not self._stopped.is_set():
-            remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if remaining <= 0:
-                self._timed_out = True
+        config = self.config
+        while not self._stopped.wait(0.2):
+            now = time.monotonic()
+            expired = None
+            if config.timeout is not None and now - self.start_time > config.timeout:
+                expired = f"--timeout {config.timeout:g} s expired"
+            elif (config.boot_timeout is not None and self.monitor.boot_time is None
+                  and now - self.start_time > config.boot_timeout):
+                expired = f"--boot-timeout {config.boot_timeout:g} s expired before the guest reached init"
+            elif config.idle_timeout is not None and now - self.monitor.last_output > config.idle_timeout:
+                expired = f"--idle-timeout: no console output for {config.idle_timeout:g} s"
+            if expired:
+                self._timeout_kind = expired
                 self._timeout_report = self._where_report()
                 self._request_stop(VcpuStop(StopReason.SHUTDOWN, "timeout", fatal=False))
                 break
-            self._stopped.wait(remaining)
 
     def _teardown(self) -> None:
         for runner in self.runners:
@@ -357,6 +401,9 @@ class Vmm:
         sink = getattr(self, "_serial_sink", None)
         if sink:
             sink.close()
+        if self._log_file is not None:
+            self.monitor.flush_log()
+            self._log_file.close()
 
     # -- stop paths -----------------------------------------------------------
 
@@ -374,12 +421,17 @@ class Vmm:
     def _reset_requested(self) -> None:
         self._request_stop(VcpuStop(StopReason.RESET, "i8042 reset", fatal=False))
 
-    def _guest_panicked(self, line: str) -> None:
-        self._panic = line
-        # panic=-1 reboots at once; without it the guest would sit in its panic
-        # loop: end the VM as soon as the line is seen, after the trace lines.
+    def _guest_failed(self, failure: Failure) -> None:
+        if self._failure is None or failure.level > self._failure.level:
+            self._failure = failure
+        # Let the trace that follows the first line reach the log, then stop
+        # (panic=-1 may reboot sooner, which ends the VM just the same).
         self.loop.call_later(1.0, lambda: self._request_stop(
-            VcpuStop(StopReason.SHUTDOWN, "kernel panic", fatal=False)))
+            VcpuStop(StopReason.SHUTDOWN, f"kernel {failure.level.name.lower()}", fatal=False)))
+
+    def _expected_output(self, line: str) -> None:
+        self._expect_seen = True
+        self._request_stop(VcpuStop(StopReason.SHUTDOWN, "--expect matched", fatal=False))
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._signal = signum
@@ -407,25 +459,41 @@ class Vmm:
     def _outcome(self) -> VmOutcome:
         stop = self._stop or VcpuStop(StopReason.SHUTDOWN, "stopped", fatal=False)
         elapsed = time.monotonic() - getattr(self, "start_time", time.monotonic())
-        tail = "\n".join("  | " + line for line in self.history.lines()[-15:])
-        if self._timed_out:
-            return VmOutcome(ExitCode.TIMEOUT, f"timeout after {self.config.timeout:g} s",
-                             report=f"last console lines:\n{tail}\nwhere the vCPUs were:\n"
-                                    f"{self._timeout_report}")
+        self.monitor.flush_log()
+        tail = "\n".join("  | " + line for line in self.monitor.last_lines(15))
+        lines_report = f"last console lines:\n{tail}"
         if self._signal is not None:
             return VmOutcome(signal_exit_code(self._signal),
                              f"stopped by {signal.Signals(self._signal).name} after {elapsed:.1f} s")
-        if self._panic:
-            return VmOutcome(ExitCode.GUEST_PANIC, f"guest kernel panic: {self._panic}",
-                             report=f"last console lines:\n{tail}")
-        if not stop.fatal:
-            return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value} after {elapsed:.1f} s")
-        report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
-        if stop.snapshot:
-            report.append(format_snapshot(stop.snapshot, self.symbols))
-        report.append(f"last console lines:\n{tail}")
-        code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
-        return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))
+        if self._failure is not None:
+            failure = self._failure
+            return VmOutcome(ExitCode.GUEST_PANIC,
+                             f"guest kernel {failure.level.name.lower()} at {failure.at:.1f} s: {failure.line}",
+                             report=lines_report)
+        if self._timeout_kind:
+            return VmOutcome(ExitCode.TIMEOUT, f"timeout: {self._timeout_kind}",
+                             report=f"{lines_report}\nwhere the vCPUs were:\n{self._timeout_report}")
+        if stop.fatal:
+            report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
+            if stop.snapshot:
+                report.append(format_snapshot(stop.snapshot, self.symbols))
+            report.append(lines_report)
+            code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
+            return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))
+        if self.config.expect is not None:
+            if self._expect_seen:
+                return VmOutcome(ExitCode.OK, f"expected output seen after {self.monitor.expect_time:.1f} s: "
+                                              f"{self.monitor.expect_line}")
+            return VmOutcome(ExitCode.NO_RESULT, f"guest stopped without printing {self.config.expect!r}",
+                             report=lines_report)
+        if self.config.command is not None:
+            status = parse_command_status(bytes(self._status_port.data)) if self._status_port else None
+            if status is None:
+                return VmOutcome(ExitCode.NO_RESULT,
+                                 f"guest stopped after {elapsed:.1f} s without reporting the command's status",
+                                 report=lines_report)
+            return VmOutcome(status, f"command exited with status {status} after {elapsed:.1f} s")
+        return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value} after {elapsed:.1f} s")
 
     # -- serial console wiring ------------------------------------------------
 
@@ -439,6 +507,8 @@ class Vmm:
 
     def _open_serial_sink(self) -> _OutputSink | None:
         serial = self.config.serial
+        if serial.kind == "stdio" and self.config.command is not None:
+            return None  # stdout carries the command's output; the log keeps the kernel's
         if serial.kind == "stdio":
             return _OutputSink(sys.stdout.fileno(), owned=False)
         if serial.kind == "file":
@@ -451,12 +521,12 @@ class Vmm:
         return None
 
     def _serial_output(self, data: bytes) -> None:
-        self.history.feed(data)
+        self.monitor.feed(SERIAL_PORT, data)
         if self._serial_sink:
             self._serial_sink.write(data)
 
     def _start_serial_input(self) -> None:
-        if self.config.serial.kind != "stdio":
+        if self.config.serial.kind != "stdio" or self.config.command is not None:
             return
         fd = sys.stdin.fileno() if sys.stdin else -1
         try:
@@ -531,6 +601,24 @@ class _PciBarWindow:
         self._write(self._base + offset, size, value)
 
 
+# `-- CMD` runs: the command travels on the kernel command line, its output
+# and status come back on three named console ports (guest/README.md).
+COMMAND_PARAM = "microvmm.cmd"
+COMMAND_STDOUT_PORT = "microvmm.stdout"
+COMMAND_STDERR_PORT = "microvmm.stderr"
+COMMAND_STATUS_PORT = "microvmm.status"
+
+
+def command_parameter(argv: list[str]) -> str:
+    """base64 of the shell-quoted command: no spaces or quotes on the command line."""
+    return base64.b64encode(shlex.join(argv).encode()).decode()
+
+
+def parse_command_status(data: bytes) -> int | None:
+    text = data.decode(errors="replace").strip()
+    return int(text) & 0xFF if text.isdigit() else None
+
+
 def _read_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -539,18 +627,49 @@ def _read_file(path: Path, what: str) -> bytes:
 
 
 def run_vm(config: VmConfig) -> int:
-    """Run a VM to its end; print the summary (and report) on stderr."""
+    """Run a VM to its end; print the summary (and report) on stderr, write results files."""
     from microvmm.boot.errors import BootError
     from microvmm.kvm import KvmError, KvmUnavailableError
+    started = time.monotonic()
+    vmm = None
     try:
-        outcome = Vmm(config).run()
-    except KvmUnavailableError as err:
-        print(f"microvmm: error: {err}", file=sys.stderr)
-        return ExitCode.VMM_ERROR
-    except (VmmError, BootError, KvmError) as err:
-        print(f"microvmm: error: {err}", file=sys.stderr)
-        return ExitCode.VMM_ERROR
+        vmm = Vmm(config)
+        outcome = vmm.run()
+    except (KvmUnavailableError, VmmError, BootError, KvmError) as err:
+        outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}")
+    sink = getattr(vmm, "_serial_sink", None)
+    if sink is not None and not sink.at_line_start and not sink.owned:
+        print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
     if outcome.report:
         print(outcome.report, file=sys.stderr)
     print(f"microvmm: {outcome.summary}", file=sys.stderr)
+    if config.json or config.junit:
+        _write_results(config, vmm, outcome, time.monotonic() - started)
     return outcome.exit_code
+
+
+def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, duration: float) -> None:
+    from dataclasses import asdict
+
+    from microvmm.results import RunResult, write_json, write_junit
+    monitor = vmm.monitor if vmm else None
+    command_ok = config.command is None or outcome.exit_code == 0
+    result = RunResult(
+        kernel=str(config.kernel), cmdline=getattr(vmm, "cmdline", config.cmdline),
+        verdict="pass" if outcome.exit_code == 0 and command_ok else "fail",
+        reason=outcome.summary, exit_code=int(outcome.exit_code), duration_s=round(duration, 3),
+        boot_s=monitor.boot_time if monitor else None,
+        expect_s=monitor.expect_time if monitor else None,
+        command=config.command,
+        command_status=int(outcome.exit_code) if config.command is not None and outcome.exit_code < 123 else None,
+        log=str(config.log) if config.log else None,
+        failures=[{**asdict(f), "level": f.level.name.lower()} for f in monitor.failures] if monitor else [],
+        last_lines=monitor.last_lines(40) if monitor else [],
+    )
+    try:
+        if config.json:
+            write_json(result, str(config.json))
+        if config.junit:
+            write_junit(result, str(config.junit))
+    except OSError as err:
+        print(f"microvmm: error: cannot write results: {err}", file=sys.stderr)

@@ -1,0 +1,153 @@
+"""Watches every byte the guest prints, on the serial line and on each console
+port: keeps the last lines for reports, writes the tagged log, spots kernel
+failures, the boot marker and a user's --expect pattern, and knows when the
+guest last said anything (for --idle-timeout).
+
+Pure bookkeeping over (port, bytes) events: the VMM feeds it and acts on what
+it reports, so it is testable without a guest.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+SERIAL_PORT = "serial"
+BOOT_MARKERS = (re.compile(rb"microvmm: init reached"), re.compile(rb"Run \S+ as init process"))
+_MAX_LINE = 4096
+
+
+class FailureLevel(enum.IntEnum):
+    """How bad a kernel report is; --fail-on picks the lowest that fails a run."""
+
+    WARN = 1
+    OOPS = 2
+    PANIC = 3
+
+
+# Lines Linux prints when something went wrong, by how bad it is. Sanitizer
+# reports (KASAN, KCSAN, KFENCE, UBSAN) count as oopses: they are bugs found.
+FAILURE_PATTERNS: tuple[tuple[FailureLevel, re.Pattern[bytes]], ...] = (
+    (FailureLevel.PANIC, re.compile(rb"Kernel panic - not syncing")),
+    (FailureLevel.OOPS, re.compile(rb"\bOops(?::| - )|\bBUG: |general protection fault|"
+                                   rb"\bKASAN: |\bKCSAN: |\bKFENCE: |\bUBSAN: |Unable to handle kernel")),
+    (FailureLevel.WARN, re.compile(rb"\bWARNING: ")),
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    level: FailureLevel
+    port: str
+    line: str
+    at: float  # seconds since the monitor started
+
+
+class RunMonitor:
+    """Line-level view of all console output of one VM run.
+
+    Callbacks run on whichever thread fed the bytes (a vCPU thread for the
+    UART, the I/O thread for console ports); they must be quick.
+    """
+
+    def __init__(self, history_lines: int = 40, log: TextIO | None = None,
+                 fail_on: FailureLevel = FailureLevel.OOPS,
+                 expect: re.Pattern[bytes] | None = None, expect_port: str | None = None,
+                 on_failure: Callable[[Failure], None] | None = None,
+                 on_expect: Callable[[str], None] | None = None,
+                 on_boot: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self.started = clock()
+        self.last_output = self.started
+        self._lock = threading.Lock()
+        self._partial: dict[str, bytes] = {}
+        self._lines: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=history_lines)
+        self._log = log
+        self.fail_on = fail_on
+        self._expect = expect
+        self._expect_port = expect_port
+        self._on_failure = on_failure
+        self._on_expect = on_expect
+        self._on_boot = on_boot
+        self.failures: list[Failure] = []
+        self.boot_time: float | None = None
+        self.expect_time: float | None = None
+        self.expect_line: str | None = None
+
+    def elapsed(self) -> float:
+        return self._clock() - self.started
+
+    def feed(self, port: str, data: bytes) -> None:
+        if not data:
+            return
+        events: list[Callable[[], None]] = []
+        with self._lock:
+            now = self._clock()
+            self.last_output = now
+            text = self._partial.get(port, b"") + bytes(data)
+            *complete, rest = text.split(b"\n")
+            if len(rest) > _MAX_LINE:  # a line without end must not grow forever
+                complete.append(rest)
+                rest = b""
+            self._partial[port] = rest
+            for line in complete:
+                self._line(port, line.rstrip(b"\r"), now - self.started, events)
+            # The boot marker and --expect may sit on an unfinished line (a prompt).
+            if rest:
+                self._match_marks(port, rest, now - self.started, events)
+        for event in events:
+            event()
+
+    def _line(self, port: str, line: bytes, at: float, events: list) -> None:
+        self._lines.append((port, line))
+        if self._log is not None and not self._log.closed:
+            self._log.write(f"[{at:10.3f}] {port}: {line.decode(errors='replace')}\n")
+        for level, pattern in FAILURE_PATTERNS:
+            if pattern.search(line):
+                failure = Failure(level, port, line.decode(errors="replace").strip(), at)
+                self.failures.append(failure)
+                if self._on_failure and level >= self.fail_on:
+                    events.append(lambda failure=failure: self._on_failure(failure))
+                break
+        self._match_marks(port, line, at, events)
+
+    def _match_marks(self, port: str, line: bytes, at: float, events: list) -> None:
+        if self.boot_time is None and any(marker.search(line) for marker in BOOT_MARKERS):
+            self.boot_time = at
+            if self._on_boot:
+                events.append(self._on_boot)
+        if (self._expect is not None and self.expect_time is None
+                and (self._expect_port is None or self._expect_port == port)
+                and self._expect.search(line)):
+            self.expect_time = at
+            self.expect_line = line.decode(errors="replace").strip()
+            if self._on_expect:
+                events.append(lambda: self._on_expect(self.expect_line))
+
+    def worst_failure(self) -> Failure | None:
+        """The most severe failure at or above the --fail-on level, first seen first."""
+        relevant = [f for f in self.failures if f.level >= self.fail_on]
+        return max(relevant, key=lambda f: (f.level, -f.at)) if relevant else None
+
+    def last_lines(self, count: int = 20) -> list[str]:
+        with self._lock:
+            lines = [f"{port}: {line.decode(errors='replace')}" for port, line in self._lines]
+            lines += [f"{port}: {rest.decode(errors='replace')}"
+                      for port, rest in self._partial.items() if rest]
+        return lines[-count:]
+
+    def flush_log(self) -> None:
+        with self._lock:
+            if self._log is not None and not self._log.closed:
+                at = self._clock() - self.started
+                for port, rest in self._partial.items():
+                    if rest:
+                        self._log.write(f"[{at:10.3f}] {port}: {rest.decode(errors='replace')}\n")
+                self._partial = {port: b"" for port in self._partial}
+                self._log.flush()
