@@ -29,6 +29,11 @@ class RawTerminal:
             return False
         self._saved = termios.tcgetattr(self.fd)
         tty.setraw(self.fd, termios.TCSANOW)
+        # Raw input, but keep output post-processing (\n -> \r\n): the VMM's
+        # own messages and logging print plain newlines on the same terminal.
+        attrs = termios.tcgetattr(self.fd)
+        attrs[1] |= termios.OPOST | termios.ONLCR
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         atexit.register(self.restore)
         return True
 
