@@ -20,8 +20,11 @@ class RawTerminal:
     interrupted VMM never leaves the user's shell without echo.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, cooked_output: bool = False):
         self.fd = fd
+        #: Keep output post-processing (\n -> \r\n) for a terminal the VMM's
+        #: own messages share; off where bytes must pass exactly (ports).
+        self.cooked_output = cooked_output
         self._saved: list | None = None
 
     def enter(self) -> bool:
@@ -29,11 +32,10 @@ class RawTerminal:
             return False
         self._saved = termios.tcgetattr(self.fd)
         tty.setraw(self.fd, termios.TCSANOW)
-        # Raw input, but keep output post-processing (\n -> \r\n): the VMM's
-        # own messages and logging print plain newlines on the same terminal.
-        attrs = termios.tcgetattr(self.fd)
-        attrs[1] |= termios.OPOST | termios.ONLCR
-        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        if self.cooked_output:
+            attrs = termios.tcgetattr(self.fd)
+            attrs[1] |= termios.OPOST | termios.ONLCR
+            termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         atexit.register(self.restore)
         return True
 

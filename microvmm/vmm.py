@@ -533,7 +533,8 @@ class Vmm:
             os.fstat(fd)
         except OSError:
             return  # no stdin at all (CI): the guest simply gets no input
-        self._raw_terminal = RawTerminal(fd)
+        # The VMM's own messages share this terminal: keep \n -> \r\n on output.
+        self._raw_terminal = RawTerminal(fd, cooked_output=True)
         interactive = self._raw_terminal.enter()
         escape = EscapeFilter() if interactive else None
         if interactive:
