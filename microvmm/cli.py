@@ -117,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="write a JSON result, e.g. --json boot.json")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
-    check = commands.add_parser("check-host", help="report what kind of KVM this host has")
+    commands.add_parser("check-host", help="report what kind of KVM this host has")
+    config = commands.add_parser(
+        "check-config", help="list the options a kernel .config lacks to boot under microvmm",
+        description="Check a kernel .config: each missing option with why it matters. "
+                    "Exit 0 when every required option is set, 1 otherwise.",
+        epilog="example: microvmm check-config ~/linux/.config")
+    config.add_argument("config", metavar="PATH", help="a kernel .config, e.g. ~/linux/.config")
 
     return parser
 
@@ -208,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
         stream=sys.stderr)
+    if args.command_name == "check-config":
+        from microvmm.kconfig_check import ConfigFileError, report
+        try:
+            text, status = report(args.config)
+        except ConfigFileError as err:
+            print(f"microvmm: error: {err}", file=sys.stderr)
+            return ExitCode.USAGE
+        print(text)
+        return status
     if args.command_name == "check-host":
         from microvmm.hostinfo import detect_host_kind
         kind, reason = detect_host_kind()

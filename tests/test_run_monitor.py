@@ -1,0 +1,73 @@
+import io
+import re
+
+from microvmm.run_monitor import Failure, FailureLevel, RunMonitor
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_lines_are_split_per_port_and_logged_with_time_and_port():
+    clock, log = Clock(), io.StringIO()
+    monitor = RunMonitor(log=log, clock=clock)
+    monitor.feed("serial", b"hel")
+    monitor.feed("con", b"port line\r\n")
+    clock.now = 101.5
+    monitor.feed("serial", b"lo\r\nworld")
+    assert log.getvalue().splitlines() == ["[     0.000] con: port line", "[     1.500] serial: hello"]
+    assert monitor.last_lines() == ["con: port line", "serial: hello", "serial: world"]
+    monitor.flush_log()
+    assert log.getvalue().splitlines()[-1] == "[     1.500] serial: world"
+
+
+def test_unterminated_output_stays_bounded():
+    monitor = RunMonitor()
+    for _ in range(100):
+        monitor.feed("serial", b"x" * 1000)
+    assert all(len(line) < 6000 for line in monitor.last_lines(100))
+
+
+def test_failure_levels_and_threshold():
+    seen: list[Failure] = []
+    monitor = RunMonitor(fail_on=FailureLevel.OOPS, on_failure=seen.append)
+    monitor.feed("serial", b"[ 1.0] WARNING: CPU: 0 PID: 1 at foo.c:12 bar+0x1/0x2\n")
+    assert seen == [] and monitor.failures[0].level is FailureLevel.WARN
+    monitor.feed("serial", b"[ 2.0] BUG: kernel NULL pointer dereference, address: 0\n")
+    monitor.feed("hvc", b"[ 3.0] Kernel panic - not syncing: sysrq triggered crash\n")
+    assert [f.level for f in seen] == [FailureLevel.OOPS, FailureLevel.PANIC]
+    assert seen[1].port == "hvc" and "sysrq triggered crash" in seen[1].line
+    assert monitor.worst_failure().level is FailureLevel.PANIC
+
+
+def test_warn_threshold_and_sanitizers():
+    seen = []
+    monitor = RunMonitor(fail_on=FailureLevel.WARN, on_failure=seen.append)
+    monitor.feed("serial", b"WARNING: suspicious RCU usage\nBUG: KASAN: use-after-free in x\nUBSAN: shift-out-of-bounds\n")
+    assert [f.level for f in seen] == [FailureLevel.WARN, FailureLevel.OOPS, FailureLevel.OOPS]
+
+
+def test_boot_marker_and_expect_on_unfinished_line():
+    events = []
+    clock = Clock()
+    monitor = RunMonitor(expect=re.compile(rb"login: $"), expect_port="con", clock=clock,
+                         on_boot=lambda: events.append("boot"), on_expect=lambda l: events.append(l))
+    clock.now = 105.0
+    monitor.feed("serial", b"[ 3.1] Run /init as init process\n")
+    monitor.feed("serial", b"login: ")  # wrong port: no match
+    clock.now = 107.0
+    monitor.feed("con", b"login: ")
+    assert events == ["boot", "login:"]
+    assert (monitor.boot_time, monitor.expect_time) == (5.0, 7.0)
+
+
+def test_last_output_tracks_activity():
+    clock = Clock()
+    monitor = RunMonitor(clock=clock)
+    clock.now = 130.0
+    monitor.feed("serial", b"x")
+    assert monitor.last_output == 130.0
