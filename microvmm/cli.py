@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="append all console output, each line tagged with time and port, e.g. --log run.log")
     run.add_argument("--junit", metavar="FILE", help="write a JUnit XML result, e.g. --junit boot.xml")
     run.add_argument("--json", metavar="FILE", help="write a JSON result, e.g. --json boot.json")
+    run.add_argument("--profile", metavar="FILE",
+                     help="sample every vCPU's RIP while the guest runs and write a report (top "
+                          "functions, boot phases) to FILE and flame-graph input to FILE.folded, "
+                          "e.g. --profile boot.prof")
+    run.add_argument("--profile-rate", metavar="HZ", type=float, default=100.0,
+                     help="samples per second per vCPU for --profile (default 100), e.g. --profile-rate 500")
+    run.add_argument("--stats", action="store_true",
+                     help="print vCPU exits by reason and device accesses at exit")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
     commands.add_parser("check-host", help="report what kind of KVM this host has")
@@ -153,6 +161,8 @@ def _config_from_args(args: argparse.Namespace):
         value = getattr(args, option)
         if value is not None and value <= 0:
             raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be positive")
+    if not 1 <= args.profile_rate <= 10000:
+        raise UsageError(f"--profile-rate {args.profile_rate:g}: must be between 1 and 10000")
     if args.expect is not None:
         try:
             re.compile(args.expect)
@@ -195,6 +205,8 @@ def _config_from_args(args: argparse.Namespace):
         fail_on=FailureLevel[args.fail_on.upper()], expect=args.expect, expect_port=args.expect_port,
         log=Path(args.log) if args.log else None, junit=Path(args.junit) if args.junit else None,
         json=Path(args.json) if args.json else None,
+        profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
+        stats=args.stats,
     )
 
 

@@ -79,6 +79,8 @@ class RunMonitor:
         self.boot_time: float | None = None
         self.expect_time: float | None = None
         self.expect_line: str | None = None
+        #: The latest complete console line (the profiler's notion of a boot phase).
+        self.last_line = ""
 
     def elapsed(self) -> float:
         return self._clock() - self.started
@@ -106,6 +108,8 @@ class RunMonitor:
 
     def _line(self, port: str, line: bytes, at: float, events: list) -> None:
         self._lines.append((port, line))
+        if line.strip():
+            self.last_line = line.decode(errors="replace").strip()
         if self._log is not None and not self._log.closed:
             self._log.write(f"[{at:10.3f}] {port}: {line.decode(errors='replace')}\n")
         for level, pattern in FAILURE_PATTERNS:

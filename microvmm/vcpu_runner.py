@@ -63,7 +63,7 @@ class VcpuRunner:
     """Runs one vCPU on its own thread until the VM stops."""
 
     def __init__(self, index: int, vcpu, memory, io_bus, mmio_bus, quirks,
-                 on_stop: Callable[[VcpuStop], None], stats: dict | None = None):
+                 on_stop: Callable[[VcpuStop], None]):
         self.index = index
         self.vcpu = vcpu
         self._memory = memory
@@ -75,7 +75,8 @@ class VcpuRunner:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"microvmm-vcpu{index}", daemon=True)
         self.workarounds_applied: dict[str, int] = {}
-        self.exit_counts: dict[str, int] = stats if stats is not None else {}
+        #: Exits by reason, for statistics; only this vCPU's thread writes it.
+        self.exit_counts: dict[str, int] = {}
 
     # -- control from other threads --------------------------------------
 
@@ -97,10 +98,17 @@ class VcpuRunner:
 
     def request_snapshot(self, timeout: float = 2.0) -> CpuSnapshot | None:
         """The vCPU's state, taken by its own thread between two KVM_RUNs."""
+        return self._ask("snapshot", timeout)
+
+    def request_rip(self, timeout: float = 0.5) -> tuple[int, bool] | None:
+        """(RIP, in user mode) between two KVM_RUNs: one KVM_GET_REGS, for sampling."""
+        return self._ask("rip", timeout)
+
+    def _ask(self, what: str, timeout: float):
         if not self.thread.is_alive():
             return None
         answer: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests.put(answer)
+        self._requests.put((what, answer))
         self.kick()
         try:
             return answer.get(timeout=timeout)
@@ -120,9 +128,12 @@ class VcpuRunner:
     def _loop(self) -> None:
         vcpu = self.vcpu
         counts = self.exit_counts
+        counts.setdefault("io", 0)
+        counts.setdefault("mmio", 0)
         while not self._stopping.is_set():
             reason = vcpu.run()
             if reason == ExitReason.IO:
+                counts["io"] += 1
                 port, size, count, data, out = self._io_exit(vcpu)
                 if data is None:
                     return
@@ -141,6 +152,7 @@ class VcpuRunner:
                         item[:] = bus.read(port, size).to_bytes(size, "little")
                 continue
             if reason == ExitReason.MMIO:
+                counts["mmio"] += 1
                 mmio = vcpu.mmio
                 if mmio.is_write:
                     self._mmio_bus.write(mmio.phys_addr, mmio.len, int.from_bytes(mmio.data, "little"))
@@ -168,10 +180,16 @@ class VcpuRunner:
     def _serve_requests(self) -> None:
         while True:
             try:
-                answer = self._requests.get_nowait()
+                what, answer = self._requests.get_nowait()
             except queue.Empty:
                 return
-            answer.put(self._safe_snapshot())
+            if what == "rip":
+                regs = self.vcpu.get_regs()
+                # Linux keeps the kernel in the upper canonical half: a lower-half
+                # RIP is user mode (saves a KVM_GET_SREGS per sample).
+                answer.put((regs.rip, regs.rip < 0x8000_0000_0000_0000))
+            else:
+                answer.put(self._safe_snapshot())
 
     def _handle_rare_exit(self, reason: int) -> bool:
         """Handle an exit that is not I/O; False ends this vCPU (and the VM)."""

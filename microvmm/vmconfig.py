@@ -51,3 +51,6 @@ class VmConfig:
     log: Path | None = None
     junit: Path | None = None
     json: Path | None = None
+    profile: Path | None = None
+    profile_rate: float = 100.0
+    stats: bool = False

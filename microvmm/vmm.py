@@ -109,7 +109,6 @@ class Vmm:
         self._expect_seen = False
         self._status_port = None
         self.symbols: SymbolMap | None = None
-        self.exit_counts: dict[str, int] = {}
         self.first_run_time: float | None = None
         self._serial_pending = bytearray()
         self._serial_input_fd: int | None = None
@@ -216,7 +215,7 @@ class Vmm:
             if index == 0:
                 self._set_boot_state(vcpu, boot)
             runner = VcpuRunner(index, vcpu, memory, self.io_bus, self.mmio_bus, quirks,
-                                on_stop=self._vcpu_stopped, stats=self.exit_counts)
+                                on_stop=self._vcpu_stopped)
             self.runners.append(runner)
 
     def _build_pci(self) -> list:
@@ -363,6 +362,11 @@ class Vmm:
         self.start_time = time.monotonic()
         for runner in self.runners:
             runner.start()
+        if self.config.profile:
+            from microvmm.profiler import GuestProfiler
+            self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,
+                                          rate_hz=self.config.profile_rate)
+            self.profiler.start()
 
     def _wait(self) -> None:
         config = self.config
@@ -383,6 +387,9 @@ class Vmm:
                 break
 
     def _teardown(self) -> None:
+        if getattr(self, "profiler", None) is not None:
+            self.profiler.stop()  # before the vCPUs go: it samples them
+            self._write_profile()
         for runner in self.runners:
             runner.stop()
         for runner in self.runners:
@@ -404,6 +411,37 @@ class Vmm:
         if self._log_file is not None:
             self.monitor.flush_log()
             self._log_file.close()
+
+    def _write_profile(self) -> None:
+        path = self.config.profile
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(self.profiler.report() + "\n\n" + self.exit_statistics() + "\n")
+            with open(f"{path}.folded", "w", encoding="utf-8") as handle:
+                handle.write(self.profiler.folded())
+        except OSError as err:
+            logger.error("--profile %s: %s", path, err.strerror)
+            return
+        print(f"microvmm: profile written to {path} (flame-graph input: {path}.folded)", file=sys.stderr)
+
+    def exit_statistics(self) -> str:
+        """Exits by reason and port/MMIO accesses by device: where the VMM's work comes from."""
+        exits: dict[str, int] = {}
+        for runner in self.runners:
+            for name, count in runner.exit_counts.items():
+                exits[name] = exits.get(name, 0) + count
+        lines = ["vCPU exits by reason: " + ", ".join(
+            f"{name} {count}" for name, count in sorted(exits.items(), key=lambda kv: -kv[1]))]
+        for bus in (self.io_bus, self.mmio_bus):
+            stats = bus.stats()
+            per_device = sorted(stats.devices.items(), key=lambda kv: -(kv[1].reads + kv[1].writes))
+            lines.append(f"{bus.name} accesses by device: " + ", ".join(
+                f"{name} {c.reads}r/{c.writes}w" for name, c in per_device if c.reads or c.writes))
+            if stats.unclaimed:
+                top = sorted(stats.unclaimed.items(), key=lambda kv: -(kv[1].reads + kv[1].writes))[:8]
+                lines.append(f"{bus.name} unclaimed: " + ", ".join(
+                    f"{addr:#x} {c.reads}r/{c.writes}w" for addr, c in top))
+        return "\n".join(lines)
 
     # -- stop paths -----------------------------------------------------------
 
@@ -643,6 +681,8 @@ def run_vm(config: VmConfig) -> int:
         print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
     if outcome.report:
         print(outcome.report, file=sys.stderr)
+    if config.stats and vmm is not None and hasattr(vmm, "mmio_bus"):
+        print(vmm.exit_statistics(), file=sys.stderr)
     print(f"microvmm: {outcome.summary}", file=sys.stderr)
     if config.json or config.junit:
         _write_results(config, vmm, outcome, time.monotonic() - started)

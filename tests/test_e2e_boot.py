@@ -15,8 +15,15 @@ from tests.e2e_support import IMAGES, boot
 
 
 @pytest.fixture(scope="module")
-def guest():
-    vm = boot()
+def profile_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("profile") / "boot.prof"
+
+
+@pytest.fixture(scope="module")
+def guest(profile_path):
+    # A low sampling rate: each sample kicks the vCPU out of KVM_RUN, which
+    # is costly on an emulating host.
+    vm = boot("--profile", str(profile_path), "--profile-rate", "20", "--stats")
     yield vm
     vm.kill()
 
@@ -64,7 +71,28 @@ def test_sigusr1_reports_symbolized_vcpu_state(guest):
     assert status == 0
 
 
+def test_idle_guest_sits_in_its_idle_loop(guest):
+    guest.run("sleep 5")  # an idle guest: the vCPU halts in the kernel's idle loop
+
+
 def test_poweroff_ends_vm_with_status_zero(guest):
     guest.send("poweroff\n")
     assert guest.wait(120) == 0
     assert "guest stopped: the guest requested a reset" in guest.stderr.text
+    # --stats: exits by reason and the UART's share of port accesses
+    assert re.search(r"vCPU exits by reason: io \d+", guest.stderr.text)
+    assert re.search(r"pio accesses by device: .*com1 \d+r/\d+w", guest.stderr.text)
+
+
+def test_profile_names_functions_that_really_ran(profile_path):
+    report = profile_path.read_text()
+    assert re.match(r"microvmm guest profile: (\d+) samples", report)
+    names = {line.split()[2] for line in (IMAGES / "System.map").read_text().splitlines()
+             if len(line.split()) == 3}
+    top = re.findall(r"^\s+\d+\s+[\d.]+%  (\S+)$", report.split("phases")[0], re.M)
+    assert top and all(name in names or name == "[user]" for name in top), top
+    # the idle loop of the idle guest (sleep 5 above) shows up among the functions
+    idle = {"default_idle", "native_safe_halt", "pv_native_safe_halt", "arch_cpu_idle", "default_idle_call"}
+    folded = (profile_path.parent / "boot.prof.folded").read_text()
+    assert any(f";{name} " in folded for name in idle), folded[-2000:]
+    assert "Run /init as init process" in report  # the phase where user space started
