@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", metavar="PATH",
                      help="bzImage or ELF vmlinux (default: images/vmlinux), e.g. --kernel arch/x86/boot/bzImage")
     run.add_argument("--initrd", metavar="PATH",
-                     help="initramfs (default with the default kernel: images/initramfs.cpio), "
-                          "e.g. --initrd initramfs.cpio.gz")
+                     help="initramfs (default: images/initramfs.cpio, the busybox guest; "
+                          "'none' for no initramfs), e.g. --initrd initramfs.cpio.gz")
     run.add_argument("--cmdline", metavar="STR",
                      help=f"kernel command line (default: {DEFAULT_CMDLINE!r}), "
                           "e.g. --cmdline 'console=hvc0 reboot=k'")
@@ -141,15 +141,20 @@ def _config_from_args(args: argparse.Namespace):
     from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
     from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
 
-    if args.kernel:
-        kernel = Path(args.kernel)
-        initrd = Path(args.initrd) if args.initrd else None
+    images = default_images_dir()
+    kernel = Path(args.kernel) if args.kernel else images / "vmlinux"
+    if not args.kernel and not kernel.is_file():
+        raise UsageError(f"no --kernel given and no default image at {kernel}: run `make images`")
+    if args.initrd == "none":
+        initrd = None
+    elif args.initrd:
+        initrd = Path(args.initrd)
     else:
-        images = default_images_dir()
-        kernel = images / "vmlinux"
-        initrd = Path(args.initrd) if args.initrd else images / "initramfs.cpio"
-        if not kernel.is_file():
-            raise UsageError(f"no --kernel given and no default image at {kernel}: run `make images`")
+        # Your own kernel with our initramfs is the common case (shell, -- CMD).
+        initrd = images / "initramfs.cpio"
+        if not initrd.is_file():
+            raise UsageError(f"no --initrd given and no default initramfs at {initrd}: "
+                             "run `make images`, or pass --initrd PATH or --initrd none")
     for label, path in (("--kernel", kernel), ("--initrd", initrd)):
         if path is not None and not path.is_file():
             raise UsageError(f"{label} {path}: no such file")
