@@ -221,3 +221,21 @@ def wait_for_path(path: str | os.PathLike, timeout: float, guest: GuestProcess |
         if time.monotonic() > deadline:
             raise GuestTimeout(f"{path} did not appear within {timeout:g} s")
         time.sleep(0.1)
+
+
+def assert_no_stray_processes(guest: GuestProcess) -> None:
+    """After kill()/wait(): nothing is left of the VMM's process group (its own session)."""
+    assert guest.proc.poll() is not None, "microvmm is still running"
+    try:
+        os.killpg(guest.proc.pid, 0)
+    except ProcessLookupError:
+        return
+    raise AssertionError(f"processes of microvmm's group {guest.proc.pid} are still alive")
+
+
+def socket_path_in(directory: Path, name: str) -> Path:
+    """A socket path under a test's directory, checked against sun_path's 108 bytes."""
+    path = directory / name
+    assert len(os.fsencode(path)) < 108, (f"socket path {path} is too long for a unix socket; "
+                                          f"run pytest with a shorter --basetemp")
+    return path

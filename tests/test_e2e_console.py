@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from microvmm.testing import GuestProcess, GuestTimeout
-from tests.e2e_support import (announced_ptys, assert_guest_file, assert_no_more_data, boot, connect_unix,
-                               open_pty_slave, read_exact, start_command, virtio_ports, write_all,
-                               write_pattern)
+from microvmm.testing import GuestProcess
+from tests.e2e_support import (announced_ptys, assert_guest_file, assert_no_more_data, assert_no_stray_processes,
+                               boot, connect_unix, open_pty_slave, read_exact, socket_path_in, start_command,
+                               virtio_ports, write_all, write_pattern)
 
 PORT_NAMES = ["con", "tty1", "raw", "log", "sock"]  # port 0 first, as given on the command line
 COMMAND_TIMEOUT = 120
@@ -49,7 +49,7 @@ MODES = {"msix": (), "intx": ("--append", "pci=nomsi")}
 def vm(request, tmp_path_factory):
     # tmp_path_factory keeps paths short: a unix socket path must fit in 108 bytes.
     work = tmp_path_factory.mktemp(f"con-{request.param}")
-    paths = {"log": work / "port.log", "sock": work / "port.sock", "serial": work / "serial.log"}
+    paths = {"log": work / "port.log", "sock": socket_path_in(work, "port.sock"), "serial": work / "serial.log"}
     started = time.monotonic()
     guest = boot("--console", "@stdio:con", "--console", "@pty:tty1", "--console", "pty:raw",
                  "--console", f"file:log={paths['log']}", "--console", f"socket:sock={paths['sock']}:server",
@@ -63,6 +63,7 @@ def vm(request, tmp_path_factory):
                            vports=virtio_ports(guest), pattern=write_pattern(guest, "/tmp/pattern"))
     finally:
         guest.kill()
+        assert_no_stray_processes(guest)
         # A killed VMM must not leave its socket behind either (SIGTERM ends it cleanly).
         leftover = paths["sock"].exists()
         if leftover:
