@@ -277,7 +277,7 @@ def test_build_initramfs_contents() -> None:
     assert entries["init"].mode == stat.S_IFREG | 0o755
     init = entries["init"].data.decode()
     for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "/dev/pts", "/tmp", "/run",
-                   "microvmm: init reached", "setsid cttyhack sh -l", "/sbin/poweroff"):
+                   "microvmm: init reached", "setsid cttyhack login -p -f root", "/sbin/poweroff"):
         assert needle in init, needle
     assert entries["bin/sh"].data == b"/bin/busybox"
     assert entries["sbin/reboot"].kind is newc.EntryKind.SYMLINK
