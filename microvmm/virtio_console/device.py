@@ -50,6 +50,10 @@ CONTROL_RX_QUEUE = 2
 CONTROL_TX_QUEUE = 3
 #: Largest single read from a backend into one receive buffer.
 MAX_READ = 64 * 1024
+#: Control messages waiting for guest receive buffers. A driver keeps its
+#: control receive queue filled; one that never takes them while sending
+#: DEVICE_READY again and again would otherwise grow this without bound.
+MAX_CONTROL_BACKLOG = 1024
 _CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 EMERG_WR_OFFSET = 8
 
@@ -393,6 +397,9 @@ class VirtioConsole(VirtioDevice):
     def _send_control(self, message: ControlMessage) -> None:
         if not self._multiport or self._queues is None:
             return
+        if len(self._control_out) >= MAX_CONTROL_BACKLOG:
+            raise ControlError(f"{len(self._control_out)} control messages wait for receive buffers "
+                               "the driver does not post")
         self._control_out.append(message.encode())
         self._deliver_control()
 
