@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace):
+    from microvmm.boot.layout import MemoryLayoutError, guest_ram_layout
     from microvmm.run_monitor import FailureLevel
     from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
     from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
@@ -195,6 +196,11 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError("nothing after '--': give the command to run in the guest")
     if args.command is not None and any(p.name.startswith("microvmm.") for p in ports):
         raise UsageError("port names starting with 'microvmm.' are reserved for '-- CMD' runs")
+    mem_size = parse_size(args.mem)
+    try:
+        guest_ram_layout(mem_size)
+    except MemoryLayoutError as err:
+        raise UsageError(f"--mem {args.mem}: {err}") from None
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
     if args.cmdline is None and any(p.console for p in ports):
         # The last console= becomes /dev/console: the guest shell goes to hvc0.
@@ -202,7 +208,7 @@ def _config_from_args(args: argparse.Namespace):
     if args.append:
         cmdline = f"{cmdline} {args.append}"
     return VmConfig(
-        kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=parse_size(args.mem),
+        kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size,
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
         system_map=Path(args.system_map) if args.system_map else None,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
