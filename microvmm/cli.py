@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from microvmm.exitcodes import HELP_TEXT, ExitCode
 
@@ -62,8 +63,15 @@ SIGUSR1 (kill -USR1 PID) prints where every vCPU is: symbolized RIP, CR2, CR3, r
 """
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (bad int, unknown choice) as one line too, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"microvmm: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="microvmm", description="A KVM micro-VMM with an integrated virtio-console.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-vv for debug)")
