@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
     run.add_argument("--system-map", metavar="PATH",
-                     help="System.map for symbolized diagnostics (default: beside the kernel)")
+                     help="System.map for symbolized diagnostics (default: beside the kernel), "
+                          "e.g. --system-map linux/System.map")
     run.add_argument("--timeout", metavar="SECONDS", type=float,
                      help="kill the VM after this long and exit 124, e.g. --timeout 300")
     run.add_argument("--boot-timeout", metavar="SECONDS", type=float,
