@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--expect", metavar="REGEX",
                      help="succeed (0) as soon as console output matches, e.g. --expect 'login:'")
     run.add_argument("--expect-port", metavar="NAME",
-                     help="where --expect looks: 'serial' or a console port name (default: everywhere)")
+                     help="where --expect looks: 'serial' or a console port name (default: everywhere), "
+                          "e.g. --expect-port serial")
     run.add_argument("--log", metavar="FILE",
                      help="append all console output, each line tagged with time and port, e.g. --log run.log")
     run.add_argument("--junit", metavar="FILE", help="write a JUnit XML result, e.g. --junit boot.xml")
