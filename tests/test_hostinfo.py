@@ -1,0 +1,151 @@
+"""Host detection (from a fake /sys/module and /proc/cpuinfo) and the emulating
+host's workarounds: when they apply, and that they never override the user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microvmm.hostinfo import (
+    EMULATING_HOST_CLEARCPUID,
+    HostKind,
+    HostQuirks,
+    detect_host_kind,
+    host_quirks,
+    merge_cmdline,
+)
+
+CPUINFO_TEMPLATE = """processor\t: {n}
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13 (SVM-less cloud vCPU)
+flags\t\t: {flags}
+bugs\t\t: sysret_ss_attrs spectre_v1
+"""
+PLAIN_FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov sse sse2 ht syscall nx lm"
+
+
+def fake_host(tmp_path: Path, modules: tuple[str, ...], flags: str | None) -> tuple[Path, Path]:
+    sys_module = tmp_path / "sys-module"
+    sys_module.mkdir()
+    for name in modules:
+        (sys_module / name / "parameters").mkdir(parents=True)
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text("\n".join(CPUINFO_TEMPLATE.format(n=n, flags=flags) for n in range(2)))
+    return sys_module, cpuinfo
+
+
+@pytest.mark.parametrize("modules, flags, kind", [
+    (("kvm", "kvm_pvm"), PLAIN_FLAGS, HostKind.EMULATING),
+    (("kvm", "kvm_pvm"), PLAIN_FLAGS + " vmx", HostKind.EMULATING),  # the module decides first
+    (("kvm", "kvm_intel"), PLAIN_FLAGS + " vmx ept vpid", HostKind.HARDWARE),
+    (("kvm", "kvm_amd"), PLAIN_FLAGS + " svm npt", HostKind.HARDWARE),
+    (("kvm",), "vmx " + PLAIN_FLAGS, HostKind.HARDWARE),              # first flag in the list
+    (("kvm",), PLAIN_FLAGS, HostKind.EMULATING),                      # no vmx/svm flag
+])
+def test_detect_host_kind(tmp_path, modules, flags, kind):
+    sys_module, cpuinfo = fake_host(tmp_path, modules, flags)
+    detected, reason = detect_host_kind(sys_module, cpuinfo)
+    assert detected is kind
+    assert reason
+    if "kvm_pvm" in modules:
+        assert "kvm_pvm" in reason
+    elif kind is HostKind.EMULATING:
+        assert "vmx" in reason and "svm" in reason
+
+
+def test_pvm_module_alone_is_enough(tmp_path):
+    sys_module, cpuinfo = fake_host(tmp_path, ("kvm_pvm",), None)  # no cpuinfo at all
+    assert detect_host_kind(sys_module, cpuinfo)[0] is HostKind.EMULATING
+
+
+def test_the_real_host_is_classified():
+    kind, reason = detect_host_kind()
+    assert kind in (HostKind.HARDWARE, HostKind.EMULATING) and reason
+    if Path("/sys/module/kvm_pvm").exists():
+        assert kind is HostKind.EMULATING
+
+
+def _clearcpuid(quirks: HostQuirks) -> list[str]:
+    (token,) = [t for t in quirks.cmdline_additions if t.startswith("clearcpuid=")]
+    return token.split("=", 1)[1].split(",")
+
+
+def test_quirks_on_an_emulating_host():
+    quirks = host_quirks(HostKind.EMULATING, "kvm_pvm (software KVM) is loaded")
+    assert quirks.active
+    assert quirks.inject_bp_on_int3 and quirks.skip_fwait
+    assert quirks.reason == "kvm_pvm (software KVM) is loaded"
+    keys = {t.split("=", 1)[0] for t in quirks.cmdline_additions}
+    assert {"noxsave", "nogbpages", "mitigations", "clearcpuid"} <= keys
+    cleared = _clearcpuid(quirks)
+    # Instructions this host's emulator fails on are hidden from the guest.
+    assert {"xsave", "smap", "popcnt", "pdpe1gb"} <= set(cleared)
+    assert len(cleared) == len(set(cleared))
+    assert "" not in cleared
+
+
+def test_erms_and_fsrm_stay_visible():
+    """Without ERMS/FSRM Linux's memmove takes an unrolled loop this host
+    mis-executes (it corrupted the direct-map page tables: the page-fault loop
+    in shared/HOST-KVM.md); with them it uses `rep movsb`, which works."""
+    cleared = _clearcpuid(host_quirks(HostKind.EMULATING, "test"))
+    assert "erms" not in cleared
+    assert "fsrm" not in cleared
+    assert "erms" not in EMULATING_HOST_CLEARCPUID.split(",")
+    assert "fsrm" not in EMULATING_HOST_CLEARCPUID.split(",")
+
+
+@pytest.mark.parametrize("kind, enabled", [
+    (HostKind.HARDWARE, True),
+    (HostKind.HARDWARE, False),
+    (HostKind.EMULATING, False),   # --no-host-workarounds
+])
+def test_no_quirks_on_hardware_or_when_disabled(kind, enabled):
+    quirks = host_quirks(kind, "why", enabled=enabled)
+    assert quirks.kind is kind
+    assert quirks.cmdline_additions == ()
+    assert not quirks.inject_bp_on_int3
+    assert not quirks.skip_fwait
+    assert not quirks.active
+
+
+ADDITIONS = ("noxsave", "nogbpages", "mitigations=off", "lpj=2000000",
+             f"clearcpuid={EMULATING_HOST_CLEARCPUID}")
+
+
+def test_merge_appends_the_workarounds():
+    merged = merge_cmdline("console=ttyS0 reboot=k panic=-1", ADDITIONS)
+    assert merged == "console=ttyS0 reboot=k panic=-1 " + " ".join(ADDITIONS)
+
+
+def test_merge_never_overrides_a_key_the_user_set():
+    user = "console=ttyS0 clearcpuid=sse4_2 mitigations=auto lpj=123 noxsave"
+    merged = merge_cmdline(user, ADDITIONS)
+    tokens = merged.split()
+    assert tokens[:5] == user.split()          # the user's words, unchanged and first
+    assert [t for t in tokens if t.startswith("clearcpuid=")] == ["clearcpuid=sse4_2"]
+    assert [t for t in tokens if t.startswith("mitigations=")] == ["mitigations=auto"]
+    assert [t for t in tokens if t.startswith("lpj=")] == ["lpj=123"]
+    assert tokens.count("noxsave") == 1
+    assert "nogbpages" in tokens                # what the user did not set is still added
+
+
+def test_merge_with_nothing_to_add_and_odd_spacing():
+    assert merge_cmdline("  console=ttyS0   quiet ", ()) == "console=ttyS0   quiet"
+    assert merge_cmdline("", ("noxsave",)) == "noxsave"
+
+
+def test_merge_keeps_workarounds_before_init_arguments():
+    """Linux hands everything after a bare '--' to init: workarounds appended
+    after it would never reach the kernel, and init's own words are not
+    kernel keys the user set."""
+    merged = merge_cmdline("console=ttyS0 -- noxsave single", ADDITIONS)
+    kernel_part, sep, init_part = merged.partition(" -- ")
+    assert sep
+    assert init_part == "noxsave single"
+    kernel_tokens = kernel_part.split()
+    assert kernel_tokens[0] == "console=ttyS0"
+    for addition in ADDITIONS:
+        assert addition in kernel_tokens
