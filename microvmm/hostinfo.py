@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,15 @@ def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks
 
 
 def merge_cmdline(cmdline: str, additions: tuple[str, ...]) -> str:
-    """Append additions whose key the user did not set already."""
-    present = {token.split("=", 1)[0] for token in cmdline.split()}
+    """Append additions whose key the user did not set already.
+
+    Linux passes everything after a bare `--` to init, so additions go before
+    it, and init's arguments do not count as keys the user set.
+    """
+    kernel_part, *init_part = re.split(r"(?:^|\s)--(?:\s|$)", cmdline, maxsplit=1)
+    present = {token.split("=", 1)[0] for token in kernel_part.split()}
     extra = [token for token in additions if token.split("=", 1)[0] not in present]
-    return " ".join([cmdline.strip(), *extra]).strip()
+    merged = " ".join([kernel_part.strip(), *extra]).strip()
+    if init_part:
+        merged = f"{merged} -- {init_part[0].strip()}".strip()
+    return merged
