@@ -129,6 +129,21 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def wait_running(vmm: Vmm, timeout: float = START_WITHIN) -> None:
+    """Until the VMM catches SIGTERM and SIGHUP (/proc/PID/status SigCgt): it installs
+    those handlers when setup is over and the vCPUs start."""
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGHUP - 1))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert vmm.proc.poll() is None, f"the VMM ended during setup:\n{vmm.stderr.text}"
+        with open(f"/proc/{vmm.pid}/status") as handle:
+            caught = next(int(line.split()[1], 16) for line in handle if line.startswith("SigCgt:"))
+        if caught & wanted == wanted:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the VMM did not start within {timeout:g} s:\n{vmm.stderr.text}")
+
+
 def assert_gone(vmm: Vmm) -> None:
     """The VMM was reaped and nothing of its process group lives on."""
     assert vmm.proc.poll() is not None
@@ -158,6 +173,7 @@ def test_signal_ends_vmm_cleanly(signum, short_tmp):
         try:
             # the help line is printed once raw mode is on and the handlers are installed
             vmm.stderr.wait_for(re.escape(HELP_LINE), START_WITHIN)
+            wait_running(vmm)
             assert termios.tcgetattr(slave) != before, "the VMM did not put the terminal in raw mode"
             assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
             assert group_members(vmm.pid) == [vmm.pid], "the VMM must not start other processes"
@@ -198,6 +214,7 @@ def test_stdio_console_port_terminal_and_blocking_mode_restored(short_tmp):
             while termios.tcgetattr(slave) == before and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert termios.tcgetattr(slave) != before, "the stdio port did not put the terminal in raw mode"
+            wait_running(vmm)
             assert not os.get_blocking(slave)  # the VMM's O_NONBLOCK, seen through the shared description
             time.sleep(RUN_BEFORE_SIGNAL)
             os.kill(vmm.pid, signal.SIGTERM)
@@ -221,6 +238,7 @@ def test_second_vmm_cannot_take_a_running_servers_socket(short_tmp):
         deadline = time.monotonic() + START_WITHIN
         while not os.path.lexists(sock_path) and time.monotonic() < deadline:
             time.sleep(0.05)
+        wait_running(first)
         inode = os.lstat(sock_path).st_ino
         serial_log = short_tmp / "second-serial.log"
         second = subprocess.run(
@@ -255,6 +273,7 @@ def test_pty_port_announcement_is_exact(short_tmp):
     vmm = Vmm("--serial", "off", "--console", "pty:p0")
     try:
         match = vmm.stderr.wait_for(PTY_LINE, START_WITHIN)
+        wait_running(vmm)
         path = match.group(1)
         assert stat.S_ISCHR(os.stat(path).st_mode)
         lines = [line for line in vmm.stderr.text.splitlines() if "redirected" in line]
