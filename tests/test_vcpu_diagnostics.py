@@ -1,0 +1,324 @@
+"""VcpuRunner on real KVM with tiny hand-assembled guests: port I/O reaches
+the bus, a triple fault ends the VM with a snapshot at the faulting
+instruction, and another thread can ask a spinning vCPU where it is.
+
+Skipped when /dev/kvm cannot be used. The guests are only a few instructions,
+so they run in microseconds even where guest kernel code is emulated. The
+REP I/O path (count > 1, which this host's emulator may split into single
+exits) is also driven directly with a scripted vCPU.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+
+import pytest
+
+from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
+from microvmm.diag.report import format_snapshot
+from microvmm.hostinfo import HostKind, host_quirks
+from microvmm.kvm import ExitReason, IoDirection, IoExit, Kvm, KvmUnavailableError, Regs
+from microvmm.memory import GuestMemory
+from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
+
+RAM_SIZE = 0x4000
+CODE = 0x1000
+DATA = 0x1100
+STOP_TIMEOUT = 10.0
+
+NO_QUIRKS = host_quirks(HostKind.HARDWARE, "test: no workarounds")
+
+
+class RecordingDevice:
+    """A port device that logs every access and answers reads from a script."""
+
+    def __init__(self, answers: dict[int, list[int]] | None = None):
+        self.accesses: list[tuple[str, int, int, int]] = []
+        self._answers = answers or {}
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            values = self._answers.get(offset, [])
+            value = values.pop(0) if values else 0xEE
+            self.accesses.append(("r", offset, size, value))
+            return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self.accesses.append(("w", offset, size, value))
+
+
+@pytest.fixture(scope="module")
+def kvm():
+    try:
+        k = Kvm()
+    except KvmUnavailableError as exc:
+        pytest.skip(f"/dev/kvm not usable: {exc}")
+    yield k
+    k.close()
+
+
+@pytest.fixture(autouse=True)
+def kick_handler():
+    """The VMM installs a no-op handler for the kick signal; so do we (the
+    default action of SIGUSR2 would end the process)."""
+    previous = signal.signal(KICK_SIGNAL, lambda *_: None)
+    yield
+    signal.signal(KICK_SIGNAL, previous)
+
+
+class Guest:
+    """One VM with 16 KiB of RAM at 0 and one vCPU at CODE, real mode by default."""
+
+    def __init__(self, kvm: Kvm, code: bytes, protected: bool = False, idt_limit: int | None = None):
+        self.vm = kvm.create_vm()
+        self.mem = GuestMemory([(0, RAM_SIZE)])
+        self.vm.set_user_memory_region(0, 0, RAM_SIZE, self.mem.regions[0].host_addr)
+        self.mem.write(CODE, code)
+        self.vcpu = self.vm.create_vcpu(0)
+        sregs = self.vcpu.get_sregs()
+        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+            seg.base, seg.selector = 0, 0
+        if protected:
+            # Flat 32-bit segments straight into the descriptor caches: no GDT needed.
+            sregs.cr0 |= 1
+            for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+                seg.limit, seg.g, seg.db, seg.present, seg.s = 0xFFFFFFFF, 1, 1, 1, 1
+            sregs.cs.type, sregs.cs.selector = 0xB, 0x08
+            for seg in (sregs.ds, sregs.es, sregs.ss):
+                seg.type, seg.selector = 0x3, 0x10
+        if idt_limit is not None:
+            sregs.idt.base, sregs.idt.limit = 0, idt_limit
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(Regs(rip=CODE, rsp=0x3000, rflags=0x2))
+        self.io_bus = Bus("pio", PIO_ADDRESS_LIMIT)
+        self.mmio_bus = Bus("mmio")
+        self.stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
+        self.runner = VcpuRunner(0, self.vcpu, self.mem, self.io_bus, self.mmio_bus, NO_QUIRKS,
+                                 on_stop=self.stops.put)
+
+    def wait_stop(self) -> VcpuStop:
+        try:
+            stop = self.stops.get(timeout=STOP_TIMEOUT)
+        except queue.Empty:
+            self.runner.stop()
+            pytest.fail("the vCPU did not stop")
+        self.runner.thread.join(STOP_TIMEOUT)
+        assert not self.runner.thread.is_alive()
+        return stop
+
+    def close(self) -> None:
+        if self.runner.thread.is_alive():
+            self.runner.stop()
+            self.runner.thread.join(STOP_TIMEOUT)
+        self.vm.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def make_guest(kvm):
+    guests: list[Guest] = []
+
+    def make(code: bytes, **kwargs) -> Guest:
+        guest = Guest(kvm, code, **kwargs)
+        guests.append(guest)
+        return guest
+
+    yield make
+    for guest in guests:
+        guest.close()
+
+
+# -- (a) a triple fault ends the VM with the faulting instruction ----------------
+
+UD2 = bytes([0x0F, 0x0B])
+
+
+def test_triple_fault_stops_with_a_snapshot_at_the_faulting_instruction(make_guest):
+    # Protected mode with an empty IDT: #UD cannot be delivered (#GP), nor can
+    # #GP (#DF), nor #DF: the CPU shuts down, KVM_EXIT_SHUTDOWN.
+    code = bytes([0x90, 0x90]) + UD2
+    guest = make_guest(code, protected=True, idt_limit=0)
+    guest.runner.start()
+    stop = guest.wait_stop()
+    assert stop.reason is StopReason.TRIPLE_FAULT
+    assert stop.fatal
+    snap = stop.snapshot
+    assert snap is not None
+    assert snap.rip == CODE + 2                       # at the ud2, not past it
+    assert snap.code.startswith(UD2)
+    assert snap.mode_bits == 32 and snap.cpl == 0
+    assert snap.cr0 & 1
+    report = format_snapshot(snap)
+    assert report.splitlines()[0] == f"vCPU 0: RIP {CODE + 2:#x}  CPL 0  32-bit"
+    assert "instruction: ud2  (0f 0b)" in report
+    assert guest.runner.exit_counts.get("shutdown") == 1
+
+
+def test_divide_error_with_empty_idt_is_a_triple_fault_too(make_guest):
+    code = bytes([0x31, 0xC9, 0xF7, 0xF1])            # xor ecx, ecx; div ecx
+    guest = make_guest(code, protected=True, idt_limit=0)
+    guest.runner.start()
+    stop = guest.wait_stop()
+    assert stop.reason is StopReason.TRIPLE_FAULT
+    assert stop.snapshot.rip == CODE + 2
+    assert stop.snapshot.code.startswith(bytes([0xF7, 0xF1]))
+
+
+# -- (b) port I/O through the bus --------------------------------------------------
+
+def test_port_io_reaches_the_bus_device(make_guest):
+    code = bytes([
+        0xB0, 0x42,                    # mov al, 0x42
+        0xE6, 0x10,                    # out 0x10, al
+        0xE4, 0x11,                    # in al, 0x11        (device answers 0x99)
+        0xE6, 0x12,                    # out 0x12, al       (the IN value arrived)
+        0xB8, 0x34, 0x12,              # mov ax, 0x1234
+        0xBA, 0x10, 0x00,              # mov dx, 0x10
+        0xEF,                          # out dx, ax         (16-bit)
+        0xE5, 0x11,                    # in ax, 0x11        (device answers 0xBEEF)
+        0xA3, 0x00, 0x20,              # mov [0x2000], ax
+        0xBE, DATA & 0xFF, DATA >> 8,  # mov si, DATA
+        0xB9, 0x05, 0x00,              # mov cx, 5
+        0xFC,                          # cld
+        0xF3, 0x6E,                    # rep outsb          (5 bytes to port dx)
+        0xBF, 0x10, 0x20,              # mov di, 0x2010
+        0xB9, 0x03, 0x00,              # mov cx, 3
+        0xBA, 0x11, 0x00,              # mov dx, 0x11
+        0xF3, 0x6C,                    # rep insb           (3 bytes from port 0x11)
+        0xF4,                          # hlt
+    ])
+    guest = make_guest(code)
+    guest.mem.write(DATA, b"hello")
+    device = RecordingDevice({1: [0x99, 0xBEEF, 0xA1, 0xA2, 0xA3]})
+    guest.io_bus.register(0x10, 3, device, "recorder")
+    guest.runner.start()
+    stop = guest.wait_stop()
+    # No in-kernel irqchip here, so HLT comes to the VMM: a clean stop.
+    assert stop.reason is StopReason.SHUTDOWN and not stop.fatal
+    assert device.accesses == [
+        ("w", 0, 1, 0x42),
+        ("r", 1, 1, 0x99),
+        ("w", 2, 1, 0x99),
+        ("w", 0, 2, 0x1234),
+        ("r", 1, 2, 0xBEEF),
+        *[("w", 0, 1, byte) for byte in b"hello"],
+        ("r", 1, 1, 0xA1), ("r", 1, 1, 0xA2), ("r", 1, 1, 0xA3),
+    ]
+    assert guest.mem.read_u16(0x2000) == 0xBEEF
+    assert guest.mem.read(0x2010, 3) == bytes([0xA1, 0xA2, 0xA3])
+    assert guest.runner.exit_counts["io"] >= 7
+    assert guest.io_bus.stats().devices["recorder"].writes == 8
+
+
+def test_unclaimed_ports_read_all_ones(make_guest):
+    code = bytes([0xE4, 0x80, 0xE6, 0x10, 0xF4])      # in al, 0x80; out 0x10, al; hlt
+    guest = make_guest(code)
+    device = RecordingDevice()
+    guest.io_bus.register(0x10, 1, device, "recorder")
+    guest.runner.start()
+    assert guest.wait_stop().reason is StopReason.SHUTDOWN
+    assert device.accesses == [("w", 0, 1, 0xFF)]
+
+
+class ScriptedVcpu:
+    """Stands in for a Vcpu: replays I/O exits as KVM reports REP string I/O
+    (count > 1, one data buffer), then a HLT."""
+
+    def __init__(self, exits: list[IoExit]):
+        self._exits = list(exits)
+        self.immediate_exit = 0
+        self.io: IoExit | None = None
+
+    def run(self) -> int:
+        if self._exits:
+            self.io = self._exits.pop(0)
+            return ExitReason.IO
+        return ExitReason.HLT
+
+    def get_regs(self):
+        raise OSError("no registers in a scripted vCPU")
+
+
+def test_rep_string_io_with_count_above_one_is_split_per_element():
+    out_data = memoryview(bytearray(b"\x01\x00\x02\x00\x03\x00"))
+    in_data = memoryview(bytearray(4))
+    vcpu = ScriptedVcpu([
+        IoExit(IoDirection.OUT, 2, 0x10, 3, out_data),    # rep outsw, 3 words
+        IoExit(IoDirection.IN, 1, 0x11, 4, in_data),      # rep insb, 4 bytes
+    ])
+    io_bus = Bus("pio", PIO_ADDRESS_LIMIT)
+    device = RecordingDevice({1: [0x61, 0x62, 0x63, 0x64]})
+    io_bus.register(0x10, 2, device, "recorder")
+    stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
+    runner = VcpuRunner(0, vcpu, GuestMemory([(0, 0x1000)]), io_bus, Bus("mmio"), NO_QUIRKS, stops.put)
+    runner.start()
+    stop = stops.get(timeout=STOP_TIMEOUT)
+    runner.thread.join(STOP_TIMEOUT)
+    assert stop.reason is StopReason.SHUTDOWN
+    assert device.accesses == [("w", 0, 2, 1), ("w", 0, 2, 2), ("w", 0, 2, 3),
+                               ("r", 1, 1, 0x61), ("r", 1, 1, 0x62), ("r", 1, 1, 0x63), ("r", 1, 1, 0x64)]
+    assert bytes(in_data) == b"abcd"
+
+
+# -- (c) where is a running vCPU? ------------------------------------------------------
+
+JMP_SELF = bytes([0xEB, 0xFE])
+
+
+def test_snapshot_of_a_spinning_vcpu_and_stop(make_guest):
+    loop_start = CODE + 3
+    code = bytes([0xB8, 0x07, 0x00]) + JMP_SELF       # mov ax, 7; jmp $
+    guest = make_guest(code)
+    guest.runner.start()
+    # A request that arrives before the first KVM_RUN is answered with the
+    # start state; after that the vCPU is always found on the jmp.
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        snap = guest.runner.request_snapshot(timeout=STOP_TIMEOUT)
+        assert snap is not None, "the vCPU thread did not answer"
+        assert snap.rip in (CODE, loop_start)
+        if snap.rip == loop_start:
+            break
+        assert time.monotonic() < deadline, "the vCPU never reached the loop"
+        time.sleep(0.01)
+    for _ in range(3):                                 # it keeps answering, and keeps running
+        snap = guest.runner.request_snapshot(timeout=STOP_TIMEOUT)
+        assert snap is not None, "the vCPU thread did not answer"
+        assert snap.rip == loop_start
+        assert snap.gprs["rax"] & 0xFFFF == 7
+        assert snap.code.startswith(JMP_SELF)
+        assert snap.mode_bits == 16
+        assert "instruction: jmp" in format_snapshot(snap)
+    assert guest.runner.request_rip(timeout=STOP_TIMEOUT) == (loop_start, True)
+    assert guest.runner.thread.is_alive()
+    assert guest.runner.exit_counts.get("intr", 0) == 0  # INTR exits are not errors
+
+    guest.runner.stop()
+    guest.runner.thread.join(STOP_TIMEOUT)
+    assert not guest.runner.thread.is_alive()
+    assert guest.stops.empty()                         # stop() is not a guest failure
+    assert guest.runner.request_snapshot(timeout=0.1) is None  # nobody left to answer
+
+
+def test_snapshot_requests_from_many_threads(make_guest):
+    guest = make_guest(JMP_SELF)
+    guest.runner.start()
+    answers: list = []
+
+    def ask() -> None:
+        answers.append(guest.runner.request_snapshot(timeout=STOP_TIMEOUT))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(a is not None and a.rip == CODE for a in answers)  # jmp $ at CODE
+    guest.runner.stop()
+    guest.runner.thread.join(STOP_TIMEOUT)
+    assert not guest.runner.thread.is_alive()
