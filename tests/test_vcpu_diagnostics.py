@@ -10,6 +10,7 @@ exits) is also driven directly with a scripted vCPU.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import signal
 import threading
@@ -322,3 +323,93 @@ def test_snapshot_requests_from_many_threads(make_guest):
     guest.runner.stop()
     guest.runner.thread.join(STOP_TIMEOUT)
     assert not guest.runner.thread.is_alive()
+
+
+# -- emulation failures: host workarounds and the report ----------------------------
+
+LONG_MODE_RIP = 0xFFFFFFFF81000000
+
+
+class EmulationFailingVcpu:
+    """Stands in for a Vcpu whose KVM fails to emulate each instruction in
+    `failures` in turn (64-bit kernel mode), then halts."""
+
+    def __init__(self, failures: list[bytes | None], code_at_rip: bytes = b""):
+        from microvmm.kvm import EmulationFailure, InternalError, InternalErrorSuberror, Sregs
+        self._failures = list(failures)
+        self._sregs = Sregs()
+        self._sregs.cr0, self._sregs.efer = 0x80050033, 0xD01
+        self._sregs.cs.l, self._sregs.cs.selector = 1, 0x10
+        self._make_failure = lambda insn: EmulationFailure(InternalErrorSuberror.EMULATION, 0, insn)
+        self.internal_error = InternalError(InternalErrorSuberror.EMULATION, ())
+        self.emulation_failure = None
+        self.regs = Regs(rip=LONG_MODE_RIP)
+        self.injected: list[int] = []
+        self.immediate_exit = 0
+        self._code_at_rip = code_at_rip
+
+    def run(self) -> int:
+        if self._failures:
+            self.emulation_failure = self._make_failure(self._failures.pop(0))
+            return ExitReason.INTERNAL_ERROR
+        return ExitReason.HLT
+
+    def get_regs(self) -> Regs:
+        return dataclasses.replace(self.regs)  # a copy, as KVM_GET_REGS gives
+
+    def set_regs(self, regs: Regs) -> None:
+        self.regs = regs
+
+    def get_sregs(self):
+        return self._sregs
+
+    def inject_exception(self, vector: int) -> None:
+        self.injected.append(vector)
+
+    def translate(self, gva: int) -> tuple[int, bool]:
+        return (0x1000 + gva - LONG_MODE_RIP, True) if gva >= LONG_MODE_RIP else (0, False)
+
+
+def run_scripted(vcpu, quirks, memory=None) -> tuple[VcpuRunner, VcpuStop]:
+    stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
+    memory = memory or GuestMemory([(0, 0x4000)])
+    runner = VcpuRunner(0, vcpu, memory, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"), quirks, stops.put)
+    runner.start()
+    stop = stops.get(timeout=STOP_TIMEOUT)
+    runner.thread.join(STOP_TIMEOUT)
+    assert not runner.thread.is_alive()
+    return runner, stop
+
+
+EMULATING_QUIRKS = host_quirks(HostKind.EMULATING, "test")
+
+
+def test_int3_and_fwait_workarounds_on_an_emulating_host():
+    vcpu = EmulationFailingVcpu([b"\xcc", b"\x9b", b"\xcc"])
+    runner, stop = run_scripted(vcpu, EMULATING_QUIRKS)
+    assert stop.reason is StopReason.SHUTDOWN           # the scripted HLT after the failures
+    assert vcpu.injected == [3, 3]                      # #BP for each int3
+    assert vcpu.regs.rip == LONG_MODE_RIP + 3           # each instruction stepped over once
+    assert runner.workarounds_applied == {"int3: injected #BP": 2, "fwait: skipped": 1}
+
+
+def test_emulation_failure_without_workarounds_is_reported_with_the_instruction():
+    memory = GuestMemory([(0, 0x4000)])
+    memory.write(0x1000, bytes.fromhex("480fae2f") + b"\x90" * 11)
+    vcpu = EmulationFailingVcpu([None])                 # KVM gave no bytes: read them at RIP
+    runner, stop = run_scripted(vcpu, NO_QUIRKS, memory)
+    assert stop.reason is StopReason.EMULATION_FAILURE and stop.fatal
+    assert f"{LONG_MODE_RIP:#x}" in stop.detail
+    snap = stop.snapshot
+    assert snap.rip == LONG_MODE_RIP and snap.mode_bits == 64
+    assert snap.code[:4] == bytes.fromhex("480fae2f")
+    assert "instruction: xrstor64 ptr [rdi]  (48 0f ae 2f)" in format_snapshot(snap)
+    assert vcpu.injected == []
+
+
+def test_int3_is_not_touched_when_workarounds_are_off():
+    vcpu = EmulationFailingVcpu([b"\xcc"])
+    _, stop = run_scripted(vcpu, host_quirks(HostKind.EMULATING, "test", enabled=False))
+    assert stop.reason is StopReason.EMULATION_FAILURE
+    assert stop.snapshot.code == b"\xcc"
+    assert vcpu.injected == [] and vcpu.regs.rip == LONG_MODE_RIP
