@@ -27,7 +27,12 @@ Contract (what the device relies on):
   size changes made on its slave side and reports `backend_resized(size)`.
 * `restore()` puts terminals back as they were (termios, blocking mode). It is
   idempotent, registered with atexit, and safe to call from a signal handler
-  path; `close()` restores too.
+  path; `close()` restores too, and never raises.
+* An fd that fails in a way no peer causes (EBADF: closed under the VMM by a
+  bug elsewhere) is logged once as an error and never used again, since its
+  number may already belong to another file: the port stays disconnected
+  (`fault` says why) and keeps the guest's output; a socket port drops only
+  that connection and accepts or reconnects as usual.
 
 The pty backend announces its slave path as ACRN does, "virt-console backend
 redirected to /dev/pts/N", on stderr (the stream is a parameter): stdout may
@@ -68,6 +73,8 @@ DEFAULT_MONITOR_INTERVAL = 0.2
 DEFAULT_RECONNECT_INTERVAL = 1.0
 #: Regular files cannot be polled (epoll says EPERM); retry them on a timer.
 _UNPOLLABLE_RETRY = 0.02
+#: errnos that mean "this fd is no longer ours", not "the peer went away".
+_FD_GONE = (errno.EBADF, errno.ENOTSOCK, errno.ENOTTY)
 
 
 class BackendError(Exception):
@@ -128,6 +135,8 @@ class PortBackend(ABC):
         self._monitor_timer: TimerHandle | None = None
         self.input_eof = False
         self.closed = False
+        #: Why the port's fd became unusable (see `_fd_failed`), or None.
+        self.fault: str | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -147,8 +156,12 @@ class PortBackend(ABC):
         self._update_watches()
         if self._monitor_timer is not None:
             self._monitor_timer.cancel()
-        self.restore()
-        self._release()
+        try:
+            self.restore()
+            self._release()
+        except OSError as exc:
+            # e.g. an fd already closed under us: the rest of teardown must go on
+            logger.warning("console port %s: closing: %s", self.name, exc.strerror)
 
     def restore(self) -> None:
         """Restore terminal state changed by this backend (idempotent)."""
@@ -157,7 +170,7 @@ class PortBackend(ABC):
 
     @property
     def connected(self) -> bool:
-        return self._connected and not self.closed
+        return self._connected and not self.closed and self.fault is None
 
     @abstractmethod
     def write(self, data: bytes | memoryview) -> int:
@@ -213,6 +226,16 @@ class PortBackend(ABC):
         if self._listener is not None and not self.closed:
             self._listener.backend_connection_changed(connected)
 
+    def _fd_failed(self, what: str, exc: OSError) -> None:
+        """The port's own fd is unusable: say so once, then leave it alone for good."""
+        if self.fault is None:
+            self.fault = f"{what}: {exc.strerror}"
+            logger.error("console port %s: %s failed: %s; the port is disconnected from now on "
+                         "(was its fd closed under the VMM?)", self.name, what, exc.strerror)
+            self._update_watches()
+            if self._loop is not None and not self.closed:
+                self._loop.call_soon_threadsafe(lambda: self._deliver_connection(False))
+
     def _mark_input_eof(self) -> None:
         if not self.input_eof:
             logger.info("console port %s: end of input", self.name)
@@ -251,7 +274,14 @@ class PortBackend(ABC):
         except PermissionError:
             # A regular file: always ready as far as the kernel is concerned.
             watch.timer = self._loop.call_later(0, lambda: self._unpollable_tick(watch, reader))
+        except OSError as exc:
+            self._watch_failed(fd, exc)
+            return None
         return watch
+
+    def _watch_failed(self, fd: int, exc: OSError) -> None:
+        """epoll refused an fd (EBADF): the fd is gone."""
+        self._fd_failed(f"watching fd {fd}", exc)
 
     def _unpollable_tick(self, watch: _Watch, reader: bool) -> None:
         if watch is not (self._read_watch if reader else self._write_watch):
@@ -310,6 +340,9 @@ class FileBackend(PortBackend):
         try:
             written = _write_fd(self._fd, data)
         except OSError as exc:
+            if exc.errno in _FD_GONE:
+                self._fd_failed(f"writing {self.path}", exc)
+                return 0
             # ENOSPC, EFBIG, EIO: keep the data and retry later (write interest).
             if exc.errno != self._write_error:
                 logger.error("file port %s: writing %s failed: %s", self.name, self.path, exc.strerror)
@@ -544,9 +577,14 @@ class PtyBackend(PortBackend):
         return True
 
     def _monitor(self) -> None:
+        if self.fault is not None:
+            return
         poller = select.poll()
         poller.register(self._master, select.POLLIN)
         revents = dict(poller.poll(0)).get(self._master, 0)
+        if revents & select.POLLNVAL:
+            self._fd_failed(f"pty master of {self.path}", OSError(errno.EBADF, os.strerror(errno.EBADF)))
+            return
         self._set_connected(not revents & select.POLLHUP)
         size = self.terminal_size()
         if size != self._size:
@@ -559,8 +597,8 @@ class PtyBackend(PortBackend):
             return 0
         try:
             return _write_fd(self._master, data)
-        except OSError:
-            self._set_connected(False)  # EIO: the reader closed the slave
+        except OSError as exc:
+            self._pty_error(exc)
             return 0
 
     def read(self, max_bytes: int) -> bytes:
@@ -568,9 +606,15 @@ class PtyBackend(PortBackend):
             return os.read(self._master, max_bytes)
         except (BlockingIOError, InterruptedError):
             return b""
-        except OSError:
-            self._set_connected(False)
+        except OSError as exc:
+            self._pty_error(exc)
             return b""
+
+    def _pty_error(self, exc: OSError) -> None:
+        if exc.errno in _FD_GONE:
+            self._fd_failed(f"pty master of {self.path}", exc)
+        else:
+            self._set_connected(False)  # EIO: the reader closed the slave
 
     def terminal_size(self) -> TerminalSize | None:
         return read_terminal_size(self._master)
@@ -603,13 +647,26 @@ class _SocketBackend(PortBackend):
         self._conn = conn
         self._set_connected(True)
 
-    def _drop_peer(self) -> None:
+    def _drop_peer(self, error: OSError | None = None) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if error is not None and error.errno in _FD_GONE:
+            # Not ours any more: closing the number could close someone else's file.
+            logger.error("console port %s: connection on %s failed: %s; dropped it "
+                         "(was its fd closed under the VMM?)", self.name, self.path, error.strerror)
+            conn.detach()
         self._set_connected(False)
         conn.close()
         self._peer_gone()
+
+    def _watch_failed(self, fd: int, exc: OSError) -> None:
+        if self._conn is not None and self._conn.fileno() == fd:
+            # called from inside _update_watches: finish that first
+            self._loop.call_soon_threadsafe(lambda: self._drop_peer(exc) if self._conn is not None
+                                            and self._conn.fileno() == fd else None)
+        else:
+            super()._watch_failed(fd, exc)
 
     def _peer_gone(self) -> None:
         pass
@@ -621,8 +678,8 @@ class _SocketBackend(PortBackend):
             return self._conn.send(data, socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return 0
-        except OSError:
-            self._drop_peer()
+        except OSError as exc:
+            self._drop_peer(exc)
             return 0
 
     def read(self, max_bytes: int) -> bytes:
@@ -632,8 +689,9 @@ class _SocketBackend(PortBackend):
             data = self._conn.recv(max_bytes)
         except (BlockingIOError, InterruptedError):
             return b""
-        except OSError:
-            data = b""
+        except OSError as exc:
+            self._drop_peer(exc)
+            return b""
         if not data:
             self._drop_peer()
         return data
@@ -646,7 +704,9 @@ class _SocketBackend(PortBackend):
         poller = select.poll()
         poller.register(self._conn, select.POLLIN | select.POLLRDHUP)
         revents = dict(poller.poll(0)).get(self._conn.fileno(), 0)
-        if revents & (select.POLLHUP | select.POLLERR):
+        if revents & select.POLLNVAL:
+            self._drop_peer(OSError(errno.EBADF, os.strerror(errno.EBADF)))
+        elif revents & (select.POLLHUP | select.POLLERR):
             if not revents & select.POLLIN or self._pending_input() == 0:
                 self._drop_peer()
         elif revents & select.POLLRDHUP and self._pending_input() == 0:
