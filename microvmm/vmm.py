@@ -121,17 +121,28 @@ class Vmm:
         quirks = host_quirks(kind, reason, self.config.host_workarounds)
         self.quirks = quirks
         self._announce_host(kind, reason)
+        # Handlers first: a signal during setup must clean up like any other
+        # stop (socket files, terminal), not kill the process half-built.
+        self._install_signal_handlers()
         try:
             self._build(quirks)
         except Exception:
             self._teardown()
             raise
         try:
-            self._start()
-            self._wait()
+            if not self._stopped.is_set():
+                self._start()
+                self._wait()
         finally:
             self._teardown()
         return self._outcome()
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        self._previous_handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
 
     def _announce_host(self, kind: HostKind, reason: str) -> None:
         if kind is HostKind.HARDWARE:
@@ -348,11 +359,6 @@ class Vmm:
         vcpu.set_fpu(Fpu())
 
     def _start(self) -> None:
-        signal.signal(KICK_SIGNAL, lambda *_: None)
-        self._previous_handlers = {}
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-        self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
         if getattr(self, "_watch_winch", False):
             # the host terminal was resized: tell the guest (RESIZE control message)
             self._previous_handlers[signal.SIGWINCH] = signal.signal(

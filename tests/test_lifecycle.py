@@ -296,10 +296,6 @@ def _pty_in_use(path: str) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (reported to the lead): the VMM installs its SIGINT/SIGTERM/SIGHUP handlers only "
-    "after setup, so a signal during setup kills it by the default action (SIGINT: a traceback) "
-    "and a socket server port's file is left behind"))
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_signal_during_setup_still_cleans_up(signum, short_tmp):
     """A signal that arrives while the VMM is still building the VM (right after the
