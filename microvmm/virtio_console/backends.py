@@ -329,6 +329,9 @@ class FileBackend(PortBackend):
         try:
             self._fd = os.open(path, flags, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(path):
+                raise BackendError(f"file port {name}: {path} is a symbolic link; "
+                                   "refusing to follow it (give the real path)") from exc
             raise BackendError(f"file port {name}: cannot open {path}: {exc.strerror}") from exc
         self._connected = True
         self._write_error: int | None = None
@@ -734,12 +737,16 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(info.st_mode):
         raise BackendError(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: a live server whose backlog is full would block a connect forever.
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)
         logger.info("removed stale socket %s", path)
         return
+    except BlockingIOError:
+        pass  # EAGAIN: the backlog is full, so somebody listens
     except OSError as exc:
         raise BackendError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
     finally:
@@ -759,6 +766,9 @@ class SocketServerBackend(_SocketBackend):
         _remove_stale_socket(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # Linux creates the socket file with the socket inode's mode (less
+            # umask): private from the start, not only after the chmod below.
+            os.fchmod(listener.fileno(), 0o600)
             listener.bind(path)
             os.chmod(path, 0o600)
             listener.listen(1)
@@ -816,6 +826,9 @@ class SocketClientBackend(_SocketBackend):
         self._next_attempt = 0.0
         try:
             conn = self._connect()
+        except BlockingIOError as exc:
+            raise BackendError(f"socket port {name}: cannot connect to {path}: the server is not "
+                               "accepting connections (its backlog is full)") from exc
         except OSError as exc:
             raise BackendError(f"socket port {name}: cannot connect to {path}: {exc.strerror}"
                                " (is the server running?)") from exc
@@ -825,6 +838,9 @@ class SocketClientBackend(_SocketBackend):
 
     def _connect(self) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A unix connect completes at once or fails with EAGAIN (the server's
+        # backlog is full): never block the constructor or the I/O thread.
+        conn.setblocking(False)
         try:
             conn.connect(self.path)
         except OSError:
@@ -843,7 +859,7 @@ class SocketClientBackend(_SocketBackend):
         try:
             conn = self._connect()
         except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
                 logger.warning("socket port %s: reconnect to %s: %s", self.name, self.path, exc.strerror)
             return
         logger.info("socket port %s: reconnected to %s", self.name, self.path)
