@@ -172,9 +172,10 @@ class Vmm:
         self._load_symbols()
         kernel_bytes = _read_file(config.kernel, "kernel")
         initrd_bytes = _read_file(config.initrd, "initrd") if config.initrd else None
-        cmdline = merge_cmdline(config.cmdline, quirks.cmdline_additions)
+        additions = quirks.cmdline_additions
         if config.command is not None:
-            cmdline = f"{cmdline} {COMMAND_PARAM}={command_parameter(config.command)}"
+            additions += (f"{COMMAND_PARAM}={command_parameter(config.command)}",)
+        cmdline = merge_cmdline(config.cmdline, additions)
         self.cmdline = cmdline
 
         self.kvm = kvm = Kvm()
