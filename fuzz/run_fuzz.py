@@ -62,18 +62,25 @@ def run_one(seed: int, max_ops: int) -> list[str]:
         signal.alarm(0)
 
 
-def run_chunk(args: tuple[int, int, int]) -> tuple[int, int, list[tuple[int, str]]]:
-    """(cases run, cases failed, the first few failures) of seeds start..start+count-1."""
-    start, count, max_ops = args
+def run_chunk(args: tuple[int, int, int, float | None]) -> tuple[int, int, list[tuple[int, str]]]:
+    """(cases run, cases failed, the first few failures) of seeds start..start+count-1.
+
+    Stops early at `deadline` (time.time()): the pool queues every chunk up
+    front, so the budget has to be enforced where the cases run."""
+    start, count, max_ops, deadline = args
     failures: list[tuple[int, str]] = []
     failing = 0
+    ran = 0
     for seed in range(start, start + count):
+        if deadline is not None and time.time() >= deadline:
+            break
+        ran += 1
         problems = run_one(seed, max_ops)
         if problems:
             failing += 1
             if len(failures) < MAX_FAILURES_KEPT:
                 failures.append((seed, "\n".join(problems)))
-    return count, failing, failures
+    return ran, failing, failures
 
 
 def _init_worker() -> None:
@@ -112,14 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return replay(args.replay, args.max_ops)
 
     began = time.monotonic()
-    deadline = None if args.seconds is None else began + args.seconds
+    deadline = None if args.seconds is None else time.time() + args.seconds
     end_seed = args.seed + args.cases
 
     def chunks():
         for start in range(args.seed, end_seed, CHUNK):
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            yield start, min(CHUNK, end_seed - start), args.max_ops
+            yield start, min(CHUNK, end_seed - start), args.max_ops, deadline
 
     tried = 0
     failed: list[tuple[int, str]] = []

@@ -592,10 +592,19 @@ class ConsoleGuest:
         ring.add(readable=parts)
         self.kick(tx_queue_index(port))
 
+    def used(self, index: int) -> list:
+        """Used entries of a queue; the device may never claim more than the buffers hold."""
+        entries = self.rings[index].get_used()
+        for entry in entries:
+            if entry.length > len(entry.data):
+                raise RecoveryError(f"queue {index}: used length {entry.length} exceeds the "
+                                    f"{len(entry.data)}-byte buffers of chain {entry.head}")
+        return entries
+
     def pump(self) -> None:
         rings = self.rings
         if self.multiport:
-            for used in rings[CONTROL_RX_QUEUE].get_used():
+            for used in self.used(CONTROL_RX_QUEUE):
                 port, event, value = CTRL.unpack_from(used.data)
                 self.control_log.append((port, event, value))
                 rings[CONTROL_RX_QUEUE].add(writable=[64])
@@ -608,7 +617,7 @@ class ConsoleGuest:
             rings[CONTROL_TX_QUEUE].get_used()
         for port in list(self.received):
             ring = rings[rx_queue_index(port)]
-            for used in ring.get_used():
+            for used in self.used(rx_queue_index(port)):
                 self.received[port] += used.data
                 ring.add(writable=[64])
                 self.kick(rx_queue_index(port))
