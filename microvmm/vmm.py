@@ -38,6 +38,8 @@ IDENTITY_MAP_ADDRESS = 0xFFFBC000
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
+#: Set to "1" to stop right at the first KVM_RUN (startup benchmark; see _exit_at_first_run).
+EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
 
 
 class VmmError(Exception):
@@ -367,6 +369,8 @@ class Vmm:
         self._start_serial_input()
         self.loop.start()
         self.start_time = time.monotonic()
+        if os.environ.get(EXIT_AT_FIRST_RUN_ENV) == "1":
+            self._exit_at_first_run(self.runners[0].vcpu)
         for runner in self.runners:
             runner.start()
         if self.config.profile:
@@ -374,6 +378,21 @@ class Vmm:
             self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,
                                           rate_hz=self.config.profile_rate)
             self.profiler.start()
+
+    def _exit_at_first_run(self, vcpu) -> None:
+        """Benchmark hook (bench/, MICROVMM_EXIT_AT_FIRST_RUN=1): print the wall-clock
+        time (time.time()) just before vCPU 0's first KVM_RUN, issue that KVM_RUN with
+        immediate_exit set, and end the run there. Startup latency is measured by the
+        parent against its own time.time() before it spawned us."""
+        run = vcpu.run
+
+        def first_run() -> int:
+            now = time.time()
+            vcpu.run = run
+            print(f"microvmm: first KVM_RUN at {now:.6f}", file=sys.stderr, flush=True)
+            self._request_stop(VcpuStop(StopReason.SHUTDOWN, f"{EXIT_AT_FIRST_RUN_ENV}=1", fatal=False))
+            return run()
+        vcpu.run = first_run
 
     def _wait(self) -> None:
         config = self.config
