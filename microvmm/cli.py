@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per second per vCPU for --profile (default 100), e.g. --profile-rate 500")
     run.add_argument("--stats", action="store_true",
                      help="print vCPU exits by reason and device accesses at exit")
+    run.add_argument("--seccomp", choices=("off", "errno", "kill", "log"), default="off",
+                     help="after setup, limit the VMM to the system calls it needs; others fail "
+                          "with EPERM (errno), kill it (kill) or are logged (log). Default off, "
+                          "e.g. --seccomp errno")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
     commands.add_parser("check-host", help="report what kind of KVM this host has")
@@ -177,6 +181,11 @@ def _config_from_args(args: argparse.Namespace):
         value = getattr(args, option)
         if value is not None and value <= 0:
             raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be positive")
+    if args.seccomp != "off":
+        from microvmm.seccomp import supported
+        usable, why = supported()
+        if not usable:
+            raise UsageError(f"--seccomp {args.seccomp}: not available here: {why}")
     if not 1 <= args.profile_rate <= 10000:
         raise UsageError(f"--profile-rate {args.profile_rate:g}: must be between 1 and 10000")
     if args.expect is not None:
@@ -227,7 +236,7 @@ def _config_from_args(args: argparse.Namespace):
         log=Path(args.log) if args.log else None, junit=Path(args.junit) if args.junit else None,
         json=Path(args.json) if args.json else None,
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
-        stats=args.stats,
+        stats=args.stats, seccomp=args.seccomp,
     )
 
 

@@ -54,3 +54,5 @@ class VmConfig:
     profile: Path | None = None
     profile_rate: float = 100.0
     stats: bool = False
+    #: "off", or the seccomp filter action for disallowed system calls.
+    seccomp: str = "off"

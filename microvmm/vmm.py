@@ -134,10 +134,29 @@ class Vmm:
         try:
             if not self._stopped.is_set():
                 self._start()
+                self._install_seccomp()
                 self._wait()
         finally:
             self._teardown()
         return self._outcome()
+
+    def _install_seccomp(self) -> None:
+        """Opt-in syscall filter, once setup is done and the vCPUs run."""
+        if self.config.seccomp == "off":
+            return
+        from microvmm.seccomp import FilterAction, SeccompError, install_filter
+        client = any(p.backend.value == "socket" and p.socket_mode is not None
+                     and p.socket_mode.value == "client" for p in self.config.ports)
+        try:
+            # A socket client port reconnects; result and profile files are
+            # created only when the VM has stopped.
+            install_filter(extra_allowed=("socket", "connect") if client else (),
+                           action=FilterAction(self.config.seccomp),
+                           allow_write_open=bool(self.config.json or self.config.junit
+                                                 or self.config.profile))
+        except SeccompError as err:
+            raise VmmError(f"--seccomp: {err}") from err
+        logger.info("seccomp filter installed (%s)", self.config.seccomp)
 
     def _install_signal_handlers(self) -> None:
         signal.signal(KICK_SIGNAL, lambda *_: None)
