@@ -1,0 +1,153 @@
+"""Boot benchmarks on real KVM: time to the guest's init marker (ELF vmlinux and
+bzImage), the VMM's own memory with a booted guest, and vCPU exits per boot.
+
+Times are from process start: the parent's time.time() just before it spawns
+`python3 -m microvmm run` to the moment the marker line arrives on the child's
+stdout (so they include the ~0.3 s to the first KVM_RUN that bench_startup.py
+measures). Each guest is powered off cleanly (`poweroff` at its shell) after.
+
+Figures:
+  boot_to_init_vmlinux: S s           boot_to_init_bzimage: S s (or timeout>N s)
+  vmm_rss_total: M MiB                vmm_rss_excluding_guest_ram: M MiB
+  guest_ram_rss: M MiB                boot_exits_<reason>: N exits (from --stats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import REPO, report
+
+from microvmm.testing import BOOT_MARKER, PROMPT, GuestProcess, GuestTimeout
+
+IMAGES = Path(os.environ.get("MICROVMM_IMAGES", REPO / "images"))
+MEM_MIB = 64
+
+
+@dataclass
+class BootResult:
+    init_s: float | None  # None: the marker did not come within the timeout
+    rss: "RssFigures | None" = None
+    exits: dict[str, int] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+@dataclass
+class RssFigures:
+    total_kib: int
+    guest_ram_kib: int
+    guest_mappings_found: int
+
+
+def smaps_rss(pid: int, guest_ram_kib: int) -> RssFigures:
+    """Rss of every mapping, and of the guest RAM mapping: the private anonymous
+    read-write mapping whose size is exactly --mem (if several match, the one
+    with the most resident pages; glibc arenas are 64 MiB reservations too but
+    stay mostly unreadable ---p and unpopulated)."""
+    total = 0
+    candidates: list[int] = []
+    size = rss = 0
+    header: list[str] = []
+
+    def close_mapping() -> None:
+        if header and len(header) < 6 and header[1].startswith("rw") and size == guest_ram_kib:
+            candidates.append(rss)
+
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):  # a mapping header: "start-end perms offset dev inode [path]"
+                close_mapping()
+                header = line.split()
+                size = rss = 0
+            elif first == "Size:":
+                size = int(line.split()[1])
+            elif first == "Rss:":
+                rss = int(line.split()[1])
+                total += rss
+    close_mapping()
+    return RssFigures(total, max(candidates, default=0), len(candidates))
+
+
+def parse_exit_stats(stderr: str) -> dict[str, int]:
+    match = re.search(r"vCPU exits by reason: (.*)", stderr)
+    if not match:
+        return {}
+    exits = {}
+    for item in match.group(1).split(","):
+        parts = item.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            exits[parts[0]] = int(parts[1])
+    return exits
+
+
+def boot_once(kernel: Path, timeout: float, measure_rss: bool) -> BootResult:
+    args = ["--kernel", str(kernel), "--initrd", str(IMAGES / "initramfs.cpio"),
+            "--mem", f"{MEM_MIB}M", "--timeout", str(timeout + 180), "--stats"]
+    started = time.time()
+    guest = GuestProcess(*args)
+    try:
+        try:
+            guest.expect(re.escape(BOOT_MARKER), timeout)
+        except GuestTimeout:
+            return BootResult(None)
+        result = BootResult(time.time() - started)
+        guest.expect(re.escape(PROMPT), 120)
+        if measure_rss:
+            result.rss = smaps_rss(guest.proc.pid, MEM_MIB * 1024)
+        guest.send("poweroff\n")
+        result.exit_code = guest.wait(120)
+        result.exits = parse_exit_stats(guest.stderr.text)
+        return result
+    finally:
+        guest.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bzimage-timeout", type=float, default=300.0,
+                        help="give up on the bzImage boot after this many seconds (default 300)")
+    parser.add_argument("--skip-bzimage", action="store_true")
+    args = parser.parse_args()
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("bench_boot: no usable /dev/kvm: skipped", file=sys.stderr)
+        return 0
+
+    vmlinux = boot_once(IMAGES / "vmlinux", 600, measure_rss=True)
+    if vmlinux.init_s is None:
+        report("boot_to_init_vmlinux", "timeout>600", "s")
+    else:
+        report("boot_to_init_vmlinux", vmlinux.init_s, "s")
+    if vmlinux.rss is not None:
+        rss = vmlinux.rss
+        report("vmm_rss_total", rss.total_kib / 1024, "MiB")
+        report("guest_ram_rss", rss.guest_ram_kib / 1024, "MiB")
+        report("vmm_rss_excluding_guest_ram", (rss.total_kib - rss.guest_ram_kib) / 1024, "MiB")
+        if rss.guest_mappings_found != 1:
+            print(f"bench_boot: {rss.guest_mappings_found} mappings of {MEM_MIB} MiB found; "
+                  "took the most resident as guest RAM", file=sys.stderr)
+    if vmlinux.exit_code is not None and vmlinux.exit_code != 0:
+        print(f"bench_boot: vmlinux guest exited with {vmlinux.exit_code} after poweroff", file=sys.stderr)
+    # vCPU exits by reason over the whole run: boot, the shell prompt, poweroff.
+    for reason, count in sorted(vmlinux.exits.items(), key=lambda kv: -kv[1]):
+        report(f"boot_exits_{reason}", count, "exits")
+    if vmlinux.exits:
+        report("boot_exits_total", sum(vmlinux.exits.values()), "exits")
+
+    if not args.skip_bzimage:
+        bz = boot_once(IMAGES / "bzImage", args.bzimage_timeout, measure_rss=False)
+        if bz.init_s is None:
+            report("boot_to_init_bzimage", f"timeout>{args.bzimage_timeout:g}", "s")
+        else:
+            report("boot_to_init_bzimage", bz.init_s, "s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
