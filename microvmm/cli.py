@@ -170,7 +170,8 @@ def _config_from_args(args: argparse.Namespace):
         if not initrd.is_file():
             raise UsageError(f"no --initrd given and no default initramfs at {initrd}: "
                              "run `make images`, or pass --initrd PATH or --initrd none")
-    for label, path in (("--kernel", kernel), ("--initrd", initrd)):
+    system_map = Path(args.system_map) if args.system_map else None
+    for label, path in (("--kernel", kernel), ("--initrd", initrd), ("--system-map", system_map)):
         if path is not None and not path.is_file():
             raise UsageError(f"{label} {path}: no such file")
     if args.cpus < 1 or args.cpus > 64:
@@ -229,7 +230,7 @@ def _config_from_args(args: argparse.Namespace):
     return VmConfig(
         kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size,
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
-        system_map=Path(args.system_map) if args.system_map else None,
+        system_map=system_map,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
         command=args.command, boot_timeout=args.boot_timeout, idle_timeout=args.idle_timeout,
         fail_on=FailureLevel[args.fail_on.upper()], expect=args.expect, expect_port=args.expect_port,

