@@ -40,6 +40,17 @@ FAILURE_PATTERNS: tuple[tuple[FailureLevel, re.Pattern[bytes]], ...] = (
 )
 
 
+# Literal words one of which every failure / boot-marker line contains: a
+# substring test per chunk (memchr speed) decides whether the regexes run.
+_FAILURE_WORDS = (b"panic", b"Oops", b"BUG: ", b"protection fault", b"KASAN: ", b"KCSAN: ",
+                  b"KFENCE: ", b"UBSAN: ", b"Unable to handle", b"WARNING: ")
+_BOOT_WORDS = (b"init reached", b" as init process")
+
+
+def _has_any(chunk: bytes, words: tuple[bytes, ...]) -> bool:
+    return any(word in chunk for word in words)
+
+
 @dataclass(frozen=True)
 class Failure:
     level: FailureLevel
@@ -98,20 +109,35 @@ class RunMonitor:
                 complete.append(rest)
                 rest = b""
             self._partial[port] = rest
-            for line in complete:
-                self._line(port, line.rstrip(b"\r"), now - self.started, events)
+            if complete:
+                self._lines_done(port, [line.rstrip(b"\r") for line in complete], now - self.started, events)
             # The boot marker and --expect may sit on an unfinished line (a prompt).
             if rest:
                 self._match_marks(port, rest, now - self.started, events)
         for event in events:
             event()
 
-    def _line(self, port: str, line: bytes, at: float, events: list) -> None:
-        self._lines.append((port, line))
-        if line.strip():
-            self.last_line = line.decode(errors="replace").strip()
+    def _lines_done(self, port: str, lines: list[bytes], at: float, events: list) -> None:
+        """Bookkeeping for complete lines; per-line regex work only where a
+        whole-chunk search says it can matter (console output is hot)."""
+        self._lines.extend((port, line) for line in lines[-self._lines.maxlen:])
+        for line in reversed(lines):
+            if line.strip():
+                self.last_line = line.decode(errors="replace").strip()
+                break
         if self._log is not None and not self._log.closed:
-            self._log.write(f"[{at:10.3f}] {port}: {line.decode(errors='replace')}\n")
+            self._log.write("".join(f"[{at:10.3f}] {port}: {line.decode(errors='replace')}\n"
+                                    for line in lines))
+        chunk = b"\n".join(lines)
+        if _has_any(chunk, _FAILURE_WORDS):
+            for line in lines:
+                self._failure_line(port, line, at, events)
+        if (self.boot_time is None and _has_any(chunk, _BOOT_WORDS)) or \
+                (self._expect is not None and self.expect_time is None):
+            for line in lines:
+                self._match_marks(port, line, at, events)
+
+    def _failure_line(self, port: str, line: bytes, at: float, events: list) -> None:
         for level, pattern in FAILURE_PATTERNS:
             if pattern.search(line):
                 failure = Failure(level, port, line.decode(errors="replace").strip(), at)
@@ -119,10 +145,10 @@ class RunMonitor:
                 if self._on_failure and level >= self.fail_on:
                     events.append(lambda failure=failure: self._on_failure(failure))
                 break
-        self._match_marks(port, line, at, events)
 
     def _match_marks(self, port: str, line: bytes, at: float, events: list) -> None:
-        if self.boot_time is None and any(marker.search(line) for marker in BOOT_MARKERS):
+        if (self.boot_time is None and _has_any(line, _BOOT_WORDS)
+                and any(marker.search(line) for marker in BOOT_MARKERS)):
             self.boot_time = at
             if self._on_boot:
                 events.append(self._on_boot)

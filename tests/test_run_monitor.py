@@ -71,3 +71,23 @@ def test_last_output_tracks_activity():
     clock.now = 130.0
     monitor.feed("serial", b"x")
     assert monitor.last_output == 130.0
+
+
+def test_every_failure_pattern_passes_the_keyword_prefilter():
+    # feed() skips the regexes unless a chunk holds one of these words: a
+    # pattern branch without a word would never fire.
+    from microvmm.run_monitor import _FAILURE_WORDS, FAILURE_PATTERNS
+    samples = [b"Kernel panic - not syncing: x", b"Oops: 0000 [#1]", b"Oops - bad mode",
+               b"BUG: kernel NULL pointer dereference", b"general protection fault, probably",
+               b"BUG: KASAN: use-after-free", b"BUG: KCSAN: data-race", b"BUG: KFENCE: out-of-bounds",
+               b"UBSAN: shift-out-of-bounds", b"Unable to handle kernel paging request",
+               b"WARNING: CPU: 0 PID: 1"]
+    branches = sum(len(p.pattern.split(b"|")) for _, p in FAILURE_PATTERNS)
+    assert len(samples) >= branches
+    for line in samples:
+        assert any(p.search(line) for _, p in FAILURE_PATTERNS), line
+        assert any(word in line for word in _FAILURE_WORDS), line
+    seen = []
+    monitor = RunMonitor(fail_on=FailureLevel.WARN, on_failure=seen.append)
+    monitor.feed("serial", b"\n".join(samples) + b"\n")
+    assert len(seen) == len(samples)
