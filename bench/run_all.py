@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Fast ones first; the guest boots (about two minutes here) last.
-BENCHMARKS = ("bench_startup.py", "bench_console.py", "bench_boot.py")
+BENCHMARKS = ("bench_startup.py", "bench_console.py", "bench_soak.py", "bench_boot.py")
 
 
 def main() -> int:
