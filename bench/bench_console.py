@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, report
+from common import REPO, report  # noqa: F401  (REPO: puts the repository on sys.path)
 
 from microvmm.eventloop import EventLoop
 from microvmm.memory import GuestMemory

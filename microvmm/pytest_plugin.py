@@ -720,7 +720,7 @@ def console_report_sections(item: pytest.Item) -> list[tuple[str, str]]:
         if len(data) > REPORT_LOG_LIMIT:
             data = b"[... earlier output cut ...]\n" + data[-REPORT_LOG_LIMIT:]
         text = data.decode(errors="replace")
-        where = f" since the test began" if start else ""
+        where = " since the test began" if start else ""
         sections.append((f"microvm console log {vm.name}{where} ({vm.log_path})", text))
         if not vm.alive and vm.vmm_output:
             sections.append((f"microvm microvmm output {vm.name} ({vm.vmm_log_path})",

@@ -26,7 +26,7 @@ from microvmm.diag.symbols import SymbolMap, SymbolMapError, find_system_map
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
 from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
-from microvmm.run_monitor import SERIAL_PORT, Failure, FailureLevel, RunMonitor
+from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
 
@@ -112,7 +112,6 @@ class Vmm:
         self._status_port = None
         self._symbols: SymbolMap | None = None
         self._symbols_loaded = False
-        self.first_run_time: float | None = None
         self._serial_pending = bytearray()
         self._serial_input_fd: int | None = None
         self._serial_readable = None
@@ -259,9 +258,9 @@ class Vmm:
         self.pci = pci = PciBus()
         self.io_bus.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, pci, "pci-config")
         self.io_bus.register(IO_BAR_WINDOW[0], IO_BAR_WINDOW[1] - IO_BAR_WINDOW[0],
-                             _PciBarWindow(pci, IO_BAR_WINDOW[0], pci.io_read, pci.io_write), "pci-io")
+                             _PciBarWindow(IO_BAR_WINDOW[0], pci.io_read, pci.io_write), "pci-io")
         self.mmio_bus.register(MMIO_BAR_WINDOW[0], MMIO_BAR_WINDOW[1] - MMIO_BAR_WINDOW[0],
-                               _PciBarWindow(pci, MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
+                               _PciBarWindow(MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
                                "pci-mmio")
         if self.config.ports or self.config.command is not None:
             self._attach_console(pci)
@@ -678,7 +677,7 @@ class Vmm:
 class _PciBarWindow:
     """Forwards a PCI address window to the bus, which knows the current BARs."""
 
-    def __init__(self, pci, base: int, read, write):
+    def __init__(self, base: int, read, write):
         self._base = base
         self._read = read
         self._write = write

@@ -24,9 +24,9 @@ import pytest
 
 from microvmm.eventloop import EventLoop
 from microvmm.virtio_console.backends import StdioBackend
-from microvmm.virtio_console.device import VirtioConsole, tx_queue_index
+from microvmm.virtio_console.device import VirtioConsole
 from microvmm.virtio_console.spec import parse_port_spec
-from tests.console_helpers import run_on_loop, wait_for
+from tests.console_helpers import wait_for
 from tests.test_console_device import Env, make_env, recv_exact  # noqa: F401  (make_env: fixture)
 
 CHUNK = 4096

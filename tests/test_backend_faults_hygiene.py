@@ -14,9 +14,7 @@ never interpreted (the `-- CMD` status port is parsed as an integer only).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
-import re
 import socket
 import stat
 import struct

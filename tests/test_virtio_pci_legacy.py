@@ -18,7 +18,6 @@ from tests.virtio_fake_driver import (
     F_INDIRECT_DESC,
     MSI_NO_VECTOR,
     REG_HOST_FEATURES,
-    REG_ISR,
     REG_MSI_CONFIG_VECTOR,
     REG_MSI_QUEUE_VECTOR,
     REG_QUEUE_NUM,

@@ -10,7 +10,7 @@ and `FakeMsiController` record the interrupts a function raises.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from microvmm.memory import GuestMemory
 from microvmm.virtio.queue import (
