@@ -14,10 +14,12 @@ import queue
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from microvmm.diag.report import CpuSnapshot
 from microvmm.kvm import ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, SystemEvent
+
+if TYPE_CHECKING:
+    from microvmm.diag.report import CpuSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +289,7 @@ class VcpuRunner:
             return None
 
     def snapshot(self, code: bytes | None = None) -> CpuSnapshot:
+        from microvmm.diag.report import CpuSnapshot  # deferred: diagnostics only
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
         gprs = {name: getattr(regs, name) for name in (

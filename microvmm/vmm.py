@@ -20,15 +20,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from microvmm.diag.report import format_snapshot
-from microvmm.diag.symbols import SymbolMap, SymbolMapError, find_system_map
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
 from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
+
+if TYPE_CHECKING:
+    from microvmm.diag.symbols import SymbolMap
 
 logger = logging.getLogger(__name__)
 
@@ -525,6 +527,7 @@ class Vmm:
                          name="microvmm-dump", daemon=True).start()
 
     def _where_report(self) -> str:
+        from microvmm.diag.report import format_snapshot  # deferred: diagnostics only
         parts = []
         for runner in self.runners:
             snapshot = runner.request_snapshot()
@@ -556,6 +559,7 @@ class Vmm:
             return VmOutcome(ExitCode.TIMEOUT, f"timeout: {self._timeout_kind}",
                              report=f"{lines_report}\nwhere the vCPUs were:\n{self._timeout_report}")
         if stop.fatal:
+            from microvmm.diag.report import format_snapshot  # deferred: diagnostics only
             report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
             if stop.snapshot:
                 report.append(format_snapshot(stop.snapshot, self.symbols))
@@ -584,6 +588,7 @@ class Vmm:
         """The kernel's System.map, parsed on first use: only diagnostics and
         the profiler need it, and parsing costs ~20 ms of start-up."""
         if not self._symbols_loaded:
+            from microvmm.diag.symbols import SymbolMap, SymbolMapError, find_system_map
             self._symbols_loaded = True
             path = self.config.system_map or find_system_map(self.config.kernel)
             if path:

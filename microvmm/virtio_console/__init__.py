@@ -1,11 +1,43 @@
-"""virtio-console: ACRN port syntax, host backends and the multiport device."""
+"""virtio-console: ACRN port syntax, host backends and the multiport device.
 
-from microvmm.virtio_console.backends import BackendError, PortBackend, TerminalSize, create_backend
-from microvmm.virtio_console.device import VirtioConsole
-from microvmm.virtio_console.port import PortStats
-from microvmm.virtio_console.spec import PortSpec, PortSpecError, parse_device_option, parse_port_spec
+The names below load on first use (PEP 562): `microvmm run` parses --console
+specs (spec.py) before it knows whether it needs the device at all, and a run
+without ports should not pay for importing the device, its backends and socket.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microvmm.virtio_console.backends import BackendError, PortBackend, TerminalSize, create_backend
+    from microvmm.virtio_console.device import VirtioConsole
+    from microvmm.virtio_console.port import PortStats
+    from microvmm.virtio_console.spec import PortSpec, PortSpecError, parse_device_option, parse_port_spec
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "BackendError": "backends", "PortBackend": "backends", "TerminalSize": "backends",
+    "create_backend": "backends", "VirtioConsole": "device", "PortStats": "port",
+    "PortSpec": "spec", "PortSpecError": "spec", "parse_device_option": "spec",
+    "parse_port_spec": "spec",
+}
 
 __all__ = [
     "BackendError", "PortBackend", "PortSpec", "PortSpecError", "PortStats", "TerminalSize",
     "VirtioConsole", "create_backend", "parse_device_option", "parse_port_spec",
 ]
+
+
+def __getattr__(name: str):
+    submodule = _EXPORTS.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
