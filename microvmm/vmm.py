@@ -121,6 +121,9 @@ class Vmm:
     # -- lifecycle ------------------------------------------------------------
 
     def run(self) -> VmOutcome:
+        # The images (a vmlinux is ~15 MB) load on a helper thread while this
+        # one imports the devices and creates the VM: read() drops the GIL.
+        self._images = _ImageReader(self.config.kernel, self.config.initrd)
         kind, reason = detect_host_kind()
         quirks = host_quirks(kind, reason, self.config.host_workarounds)
         self.quirks = quirks
@@ -192,8 +195,6 @@ class Vmm:
         from microvmm.memory import GuestMemory
 
         config = self.config
-        kernel_bytes = _read_file(config.kernel, "kernel")
-        initrd_bytes = _read_file(config.initrd, "initrd") if config.initrd else None
         additions = quirks.cmdline_additions
         if config.command is not None:
             additions += (f"{COMMAND_PARAM}={command_parameter(config.command)}",)
@@ -236,6 +237,7 @@ class Vmm:
 
         pci_irqs = self._build_pci()
 
+        kernel_bytes, initrd_bytes = self._images.result()
         boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
                                 num_cpus=config.cpus, pci_irqs=pci_irqs)
         self.boot = boot
@@ -718,6 +720,35 @@ def _read_file(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise VmmError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+class _ImageReader:
+    """Reads the kernel and initrd on a helper thread, started before the VM is built.
+
+    result() waits for the reads and returns (kernel, initrd or None), raising
+    the VmmError a failed read gave.
+    """
+
+    def __init__(self, kernel: Path, initrd: Path | None):
+        self._paths = (kernel, initrd)
+        self._images: tuple[bytes, bytes | None] | None = None
+        self._error: VmmError | None = None
+        self._thread = threading.Thread(target=self._read, name="microvmm-images", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        kernel, initrd = self._paths
+        try:
+            self._images = (_read_file(kernel, "kernel"), _read_file(initrd, "initrd") if initrd else None)
+        except VmmError as err:
+            self._error = err
+
+    def result(self) -> tuple[bytes, bytes | None]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._images is not None
+        return self._images
 
 
 def run_vm(config: VmConfig) -> int:
