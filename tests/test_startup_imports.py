@@ -1,0 +1,94 @@
+"""Start-up cost guard: what `microvmm run` imports before the guest's first
+KVM_RUN (issue 6). Each module named here is slow to import and needed only on
+a diagnostic, result-writing or optional path, or for console ports; an eager
+import of any of them from the start-up path fails these tests.
+
+Every check runs in a fresh interpreter: the test process has long since
+imported everything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import microvmm.virtio_console as virtio_console
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = Path(os.environ.get("MICROVMM_IMAGES", REPO / "images"))
+
+#: Never needed before the first KVM_RUN of a run without console ports.
+NOT_AT_STARTUP = (
+    "capstone",                         # instruction decoding in diagnostics
+    "microvmm.diag.report",             # vCPU snapshots: faults, SIGUSR1, timeouts
+    "microvmm.diag.symbols",            # System.map: diagnostics and --profile
+    "microvmm.profiler",                # --profile
+    "microvmm.results",                 # --json / --junit, written at exit
+    "microvmm.seccomp",                 # --seccomp, installed after the vCPUs start
+    "microvmm.kconfig_check",           # check-config
+    "microvmm.virtio_console.device",   # only with --console/--device/-- CMD
+    "microvmm.virtio_console.backends",
+    "microvmm.virtio.queue",
+    "socket",                           # socket console backends
+)
+
+#: The modules the CLI and the VMM import to get to the first KVM_RUN.
+STARTUP_IMPORTS = ("microvmm.cli", "microvmm.vmm", "microvmm.virtio_console.spec", "microvmm.boot",
+                   "microvmm.vmconfig", "microvmm.run_monitor", "microvmm.devices", "microvmm.eventloop",
+                   "microvmm.pci.bus", "microvmm.memory", "microvmm.kvm", "microvmm.vcpu_runner")
+
+
+def _modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """sys.modules of a fresh interpreter after running `code`."""
+    script = f"{code}\nimport json, sys\nprint('MODULES=' + json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES=")), None)
+    assert line is not None, f"child printed no module list (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return set(json.loads(line.removeprefix("MODULES=")))
+
+
+def test_importing_the_startup_modules_loads_no_diagnostic_or_port_code():
+    loaded = _modules_after("\n".join(f"import {name}" for name in STARTUP_IMPORTS))
+    assert set(STARTUP_IMPORTS) <= loaded
+    assert sorted(loaded & set(NOT_AT_STARTUP)) == []
+
+
+def test_the_cli_alone_does_not_import_the_vmm():
+    loaded = _modules_after("import microvmm.cli")
+    assert "microvmm.cli" in loaded
+    assert sorted(loaded & {"microvmm.vmm", "microvmm.kvm", "microvmm.vcpu_runner", *NOT_AT_STARTUP}) == []
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm")
+@pytest.mark.skipif(not (IMAGES / "vmlinux").is_file() or not (IMAGES / "initramfs.cpio").is_file(),
+                    reason=f"no guest images in {IMAGES} (make images)")
+def test_a_run_up_to_its_first_kvm_run_loads_none_of_them():
+    """The real path: `microvmm run` until vCPU 0's first KVM_RUN (the benchmark
+    hook ends the run there), then the modules it had loaded."""
+    code = ("import sys\nfrom microvmm.cli import main\n"
+            f"status = main(['run', '--serial', 'off', '--kernel', {str(IMAGES / 'vmlinux')!r}, "
+            f"'--initrd', {str(IMAGES / 'initramfs.cpio')!r}])\n"
+            "assert status == 0, status")
+    loaded = _modules_after(code, env={"MICROVMM_EXIT_AT_FIRST_RUN": "1"})
+    assert {"microvmm.vmm", "microvmm.kvm", "microvmm.boot", "microvmm.pci.bus"} <= loaded
+    assert sorted(loaded & set(NOT_AT_STARTUP)) == []
+
+
+def test_the_console_package_still_exports_every_name_from_its_submodule():
+    for name in virtio_console.__all__:
+        submodule = importlib.import_module(f"microvmm.virtio_console.{virtio_console._EXPORTS[name]}")
+        assert getattr(virtio_console, name) is getattr(submodule, name)
+    assert set(virtio_console.__all__) == set(virtio_console._EXPORTS)
+    assert set(virtio_console.__all__) <= set(dir(virtio_console))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        virtio_console.no_such_name  # noqa: B018
+    from microvmm.virtio_console import VirtioConsole, create_backend  # the from-import form
+    assert VirtioConsole.__module__ == "microvmm.virtio_console.device"
+    assert create_backend.__module__ == "microvmm.virtio_console.backends"
