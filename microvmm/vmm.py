@@ -183,7 +183,7 @@ class Vmm:
                   "host workarounds are off.", file=sys.stderr)
 
     def _build(self, quirks) -> None:
-        from microvmm.boot import guest_ram_layout, setup_linux_boot, vcpu_cpuid
+        from microvmm.boot import RNG_SEED_SIZE, guest_ram_layout, setup_linux_boot, vcpu_cpuid
         from microvmm.kvm import CpuidEntry
         from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
         from microvmm.devices.i8042 import I8042, I8042_BASE, I8042_PORT_COUNT
@@ -238,8 +238,11 @@ class Vmm:
         pci_irqs = self._build_pci()
 
         kernel_bytes, initrd_bytes = self._images.result()
+        # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
+        # is ready at once (a kernel that trusts its boot loader).
         boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
-                                num_cpus=config.cpus, pci_irqs=pci_irqs)
+                                num_cpus=config.cpus, pci_irqs=pci_irqs,
+                                rng_seed=os.urandom(RNG_SEED_SIZE))
         self.boot = boot
         supported = kvm.get_supported_cpuid()
         for index in range(config.cpus):

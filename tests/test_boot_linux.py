@@ -124,3 +124,47 @@ def test_real_kernel_and_initramfs(mem, kernel_name):
         assert mem.read(0x7000 + 0x230, 0x3C) == kernel[0x230:0x26C]
     assert info.initrd_addr >= info.kernel_end
     assert mem.read(info.initrd_addr, 6) == b"070701"
+
+
+def _setup_data_records(mem, first):
+    """Walk the zero page's setup_data list as the kernel does: (type, payload) per record."""
+    records, addr = [], first
+    while addr:
+        next_addr, kind, length = struct.unpack("<QII", mem.read(addr, 16))
+        records.append((kind, mem.read(addr + 16, length)))
+        assert len(records) < 16, "setup_data list does not end"
+        addr = next_addr
+    return records
+
+
+@pytest.mark.parametrize("kernel", ["bzimage", "elf"])
+def test_rng_seed_reaches_the_kernel_as_setup_rng_seed(mem, kernel):
+    image = make_bzimage() if kernel == "bzimage" else make_elf([(0x100_0000, b"\x90" * 0x1000, 0x1000)],
+                                                                 entry=0x100_0000)
+    seed = os.urandom(32)
+    info = setup_linux_boot(mem, image, "console=ttyS0", rng_seed=seed)
+    # boot_params.hdr.setup_data (0x250) points at a one-record list: SETUP_RNG_SEED (9) with the seed
+    first = mem.read_u64(0x7000 + 0x250)
+    assert first == info.setup_data_addr != 0
+    assert _setup_data_records(mem, first) == [(9, seed)]
+    # below 1 MiB, clear of the zero page and the command line
+    assert first + 16 + 32 <= 0x7000
+
+
+def test_no_rng_seed_leaves_setup_data_empty(mem):
+    info = setup_linux_boot(mem, make_bzimage(), "console=ttyS0")
+    assert mem.read_u64(0x7000 + 0x250) == 0 == info.setup_data_addr
+
+
+def test_rng_seed_of_wrong_size_is_refused(mem):
+    with pytest.raises(BootError, match="32 bytes"):
+        setup_linux_boot(mem, make_bzimage(), "console=ttyS0", rng_seed=b"short")
+
+
+def test_setup_data_chain_links_records_at_aligned_addresses():
+    from microvmm.boot import SetupDataType, build_setup_data_chain
+    blob = build_setup_data_chain([(SetupDataType.RNG_SEED, b"abc"), (SetupDataType.RNG_SEED, b"xyz")], 0x6000)
+    next_addr, kind, length = struct.unpack_from("<QII", blob, 0)
+    assert (kind, length, blob[16:19]) == (9, 3, b"abc")
+    assert next_addr == 0x6000 + 24  # 16 + 3 rounded up to 8
+    assert struct.unpack_from("<QII", blob, 24) == (0, 9, 3) and blob[40:43] == b"xyz"

@@ -14,13 +14,14 @@ from .layout import MemoryLayoutError, guest_ram_layout
 from .linux import BootInfo, setup_linux_boot
 from .mptable import PciIrq, write_mptable
 from .paging import DescriptorTable, LongModeState, Segment
-from .params import BootParams, E820Entry, E820Type
+from .params import RNG_SEED_SIZE, BootParams, E820Entry, E820Type, SetupDataType, build_setup_data_chain
 
 __all__ = [
     "BootError", "BootInfo", "BootParams", "BzImageError", "CmdlineError", "CpuidEntry",
     "DescriptorTable", "E820Entry", "E820Type", "ElfError", "InitrdError", "KernelFormat",
     "KernelFormatError", "LoadedBzImage", "LoadedElf", "LongModeState", "MemoryLayoutError",
-    "MpTableError", "PciIrq", "Segment", "SetupHeader", "detect_kernel_format",
+    "MpTableError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",
+    "build_setup_data_chain", "detect_kernel_format",
     "guest_ram_layout", "load_bzimage", "load_elf_vmlinux", "parse_setup_header",
     "setup_linux_boot", "vcpu_cpuid", "write_mptable",
 ]

@@ -7,6 +7,7 @@ Low memory (below 1 MiB) holds the small structures the VMM writes for the
     0x0000_0500                GDT (null, null, code64 0x10, data 0x18, TSS 0x20)
     0x0000_0600                IDT (empty: limit 0, the kernel installs its own)
     0x0000_0700                TSS (zeroed, only so TR holds a valid busy TSS)
+    0x0000_6000                setup_data list (RNG seed), up to 4 KiB
     0x0000_7000                boot_params ("zero page", 4 KiB)
     0x0000_8000 - 0x0000_8FF0  boot stack (RSP at entry)
     0x0000_9000                PML4
@@ -38,6 +39,8 @@ IDT_ADDR = 0x600
 TSS_ADDR = 0x700
 TSS_LIMIT = 0x67  # 104-byte 64-bit TSS, limit is size - 1
 
+SETUP_DATA_ADDR = 0x6000
+SETUP_DATA_MAX_SIZE = 0x1000
 ZERO_PAGE_ADDR = 0x7000
 BOOT_STACK_TOP = 0x8FF0
 

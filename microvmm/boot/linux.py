@@ -11,8 +11,9 @@ from .elf import KernelFormat, detect_kernel_format, load_elf_vmlinux
 from .errors import BootError
 from .mptable import DEFAULT_CPU_FEATURES, DEFAULT_CPU_SIGNATURE, PciIrq, write_mptable
 from .paging import LongModeState, setup_long_mode
-from .params import (BootParams, E820Entry, build_e820_map, encode_cmdline, place_initrd,
-                     raw_setup_header, synthesize_setup_header)
+from .params import (RNG_SEED_SIZE, BootParams, E820Entry, SetupDataType, build_e820_map,
+                     build_setup_data_chain, encode_cmdline, place_initrd, raw_setup_header,
+                     synthesize_setup_header)
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +38,26 @@ class BootInfo:
     initrd_size: int
     mptable_addr: int
     e820: tuple[E820Entry, ...]
+    setup_data_addr: int = 0  # 0: no setup_data list
 
 
 def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
                      initrd: bytes | memoryview | None = None, num_cpus: int = 1,
                      pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
                      kernel_source: str = "kernel",
+                     rng_seed: bytes | None = None,
                      cpu_signature: int = DEFAULT_CPU_SIGNATURE,
                      cpu_features: int = DEFAULT_CPU_FEATURES) -> BootInfo:
     """Load a bzImage or ELF vmlinux and write everything the 64-bit boot protocol needs.
 
     `mem` is a GuestMemory whose RAM starts at guest address 0 (see
     layout.guest_ram_layout). `kernel_source` names the kernel file in errors.
+    `rng_seed` (RNG_SEED_SIZE random bytes from the caller, which owns the
+    randomness so that this stays a pure function) goes to the kernel as a
+    SETUP_RNG_SEED record: a kernel that trusts its boot loader
+    (CONFIG_RANDOM_TRUST_BOOTLOADER, random.trust_bootloader=on) then has a
+    ready crng from its first instructions instead of waiting for interrupt
+    entropy, and until then every random number re-hashes the whole pool.
     Raises a BootError subclass naming the problem.
     """
     if not mem.contains(0, layout.HIGH_MEMORY_START):
@@ -74,10 +83,24 @@ def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
                                    header.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX, kernel_end)
         mem.write(initrd_addr, initrd)
 
+    setup_data_addr = 0
+    if rng_seed is not None:
+        if len(rng_seed) != RNG_SEED_SIZE:
+            raise BootError(f"RNG seed must be {RNG_SEED_SIZE} bytes, got {len(rng_seed)}")
+        # setup_data needs boot protocol 2.09; SETUP_RNG_SEED is simply skipped by kernels before 6.0.
+        if header.version >= 0x0209:
+            chain = build_setup_data_chain([(SetupDataType.RNG_SEED, rng_seed)], layout.SETUP_DATA_ADDR)
+            assert len(chain) <= layout.SETUP_DATA_MAX_SIZE
+            mem.write(layout.SETUP_DATA_ADDR, chain)
+            setup_data_addr = layout.SETUP_DATA_ADDR
+        else:
+            logger.info("%s: boot protocol %s has no setup_data: no RNG seed passed",
+                        kernel_source, header.version_string)
+
     e820 = build_e820_map(mem.end)
     params = BootParams(header=header, e820=e820, cmd_line_ptr=layout.CMDLINE_ADDR,
                         ramdisk_image=initrd_addr or 0, ramdisk_size=initrd_size,
-                        raw_header=raw_header)
+                        setup_data=setup_data_addr, raw_header=raw_header)
     params.write(mem, layout.ZERO_PAGE_ADDR)
     mptable_addr = write_mptable(mem, num_cpus, pci_irqs, cpu_signature, cpu_features)
     cpu_state = setup_long_mode(mem, entry, layout.ZERO_PAGE_ADDR)
@@ -91,5 +114,5 @@ def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
         setup_header=header, boot_params_addr=layout.ZERO_PAGE_ADDR,
         cmdline_addr=layout.CMDLINE_ADDR, cmdline=cmdline_bytes[:-1],
         initrd_addr=initrd_addr, initrd_size=initrd_size,
-        mptable_addr=mptable_addr, e820=tuple(e820),
+        mptable_addr=mptable_addr, e820=tuple(e820), setup_data_addr=setup_data_addr,
     )

@@ -43,6 +43,32 @@ HEAP_END_PTR = 0xFE00
 _E820_ENTRY = struct.Struct("<QQI")
 
 
+class SetupDataType(enum.IntEnum):
+    """struct setup_data types (arch/x86/include/uapi/asm/bootparam.h) this VMM writes."""
+
+    RNG_SEED = 9  # SETUP_RNG_SEED, read by Linux 6.0 and later
+
+
+# struct setup_data header: u64 next (guest physical address, 0 ends the list), u32 type, u32 len.
+_SETUP_DATA_HEADER = struct.Struct("<QII")
+#: Bytes of RNG seed handed to the kernel: 256 bits, what crng needs to be ready.
+RNG_SEED_SIZE = 32
+
+
+def build_setup_data_chain(entries: list[tuple[SetupDataType, bytes]], base_addr: int) -> bytes:
+    """The linked list of struct setup_data records that the zero page's
+    setup_data field points to, laid out back to back from base_addr (each
+    record 8-byte aligned, as the kernel maps them with early_memremap)."""
+    blob = bytearray()
+    for index, (kind, payload) in enumerate(entries):
+        start = len(blob)
+        record_end = start + _SETUP_DATA_HEADER.size + len(payload)
+        next_addr = base_addr + ((record_end + 7) & ~7) if index + 1 < len(entries) else 0
+        blob += _SETUP_DATA_HEADER.pack(next_addr, int(kind), len(payload)) + payload
+        blob += bytes(-len(blob) % 8)
+    return bytes(blob)
+
+
 class E820Type(enum.IntEnum):
     RAM = 1
     RESERVED = 2
@@ -149,6 +175,7 @@ class BootParams:
     cmd_line_ptr: int = 0
     ramdisk_image: int = 0
     ramdisk_size: int = 0
+    setup_data: int = 0  # guest address of the first struct setup_data, 0 for none
     # The image's setup header bytes as found (from 0x1F1 to its end, see
     # raw_setup_header): carries any fields newer than SetupHeader knows.
     # Empty for an ELF vmlinux.
@@ -167,6 +194,7 @@ class BootParams:
             cmd_line_ptr=self.cmd_line_ptr & 0xFFFF_FFFF,
             ramdisk_image=self.ramdisk_image & 0xFFFF_FFFF,
             ramdisk_size=self.ramdisk_size & 0xFFFF_FFFF,
+            setup_data=self.setup_data,
         ).pack()
         raw = self.raw_header[:HDR_AREA_END - SETUP_HEADER_OFFSET]
         page[SETUP_HEADER_OFFSET:SETUP_HEADER_OFFSET + len(raw)] = raw
