@@ -8,6 +8,13 @@ measures). Each guest is powered off cleanly (`poweroff` at its shell) after.
 
 Figures:
   boot_to_init_vmlinux: S s           boot_to_init_bzimage: S s (or timeout>N s)
+  boot_to_prompt_vmlinux: S s         (the shell's `microvmm# ` prompt on the console; target <= 30)
+  vmm_cpu_share_to_prompt: P %        (target <= 5) the VMM's own CPU time from process start
+                                      to the prompt, as a share of that wall time: user time of
+                                      every thread minus guest time, plus system time of the
+                                      threads that are not vCPUs. A vCPU thread's system time is
+                                      KVM_RUN, i.e. the guest itself on this emulating host
+                                      (vcpu_thread_system_to_prompt shows it).
   vmm_rss_total: M MiB                vmm_rss_excluding_guest_ram: M MiB
   guest_ram_rss: M MiB                boot_exits_<reason>: N exits (from --stats)
 """
@@ -31,8 +38,41 @@ MEM_MIB = 64
 
 
 @dataclass
+class ThreadCpu:
+    comm: str
+    user_s: float
+    system_s: float
+    guest_s: float
+
+
+def thread_cpu(pid: int) -> list[ThreadCpu]:
+    """utime, stime and guest_time of every thread (proc(5), /proc/PID/task/TID/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = []
+    for stat_file in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+        threads.append(ThreadCpu(comm, int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[40]) / ticks))
+    return threads
+
+
+def vmm_own_cpu_s(threads: list[ThreadCpu]) -> tuple[float, float]:
+    """(the VMM's own CPU seconds, the vCPU threads' system seconds): see the module docstring."""
+    own = sum(max(0.0, t.user_s - t.guest_s) for t in threads)
+    own += sum(t.system_s for t in threads if not re.fullmatch(r"vcpu\d+", t.comm))
+    return own, sum(t.system_s for t in threads if re.fullmatch(r"vcpu\d+", t.comm))
+
+
+@dataclass
 class BootResult:
     init_s: float | None  # None: the marker did not come within the timeout
+    prompt_s: float | None = None
+    vmm_cpu_s: float | None = None  # the VMM's own CPU time up to the prompt
+    vcpu_system_s: float | None = None
     rss: "RssFigures | None" = None
     exits: dict[str, int] = field(default_factory=dict)
     exit_code: int | None = None
@@ -111,6 +151,8 @@ def boot_once(kernel: Path, timeout: float, measure_rss: bool) -> BootResult:
             return BootResult(None)
         result = BootResult(time.time() - started)
         guest.expect(re.escape(PROMPT), 120)
+        result.prompt_s = time.time() - started
+        result.vmm_cpu_s, result.vcpu_system_s = vmm_own_cpu_s(thread_cpu(guest.proc.pid))
         if measure_rss:
             result.rss = smaps_rss(guest.proc.pid, MEM_MIB * 1024)
         guest.send("poweroff\n")
@@ -136,6 +178,11 @@ def main() -> int:
         report("boot_to_init_vmlinux", "timeout>600", "s")
     else:
         report("boot_to_init_vmlinux", vmlinux.init_s, "s")
+    if vmlinux.prompt_s is not None:
+        report("boot_to_prompt_vmlinux", vmlinux.prompt_s, "s")
+        report("vmm_cpu_to_prompt", vmlinux.vmm_cpu_s, "s")
+        report("vmm_cpu_share_to_prompt", 100 * vmlinux.vmm_cpu_s / vmlinux.prompt_s, "%")
+        report("vcpu_thread_system_to_prompt", vmlinux.vcpu_system_s, "s")
     if vmlinux.rss is not None:
         rss = vmlinux.rss
         report("vmm_rss_total", rss.total_kib / 1024, "MiB")

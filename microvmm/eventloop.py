@@ -24,6 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .osthread import set_os_thread_name
+
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
@@ -222,6 +224,7 @@ class EventLoop:
             return min(_MAX_SLEEP, max(0.0, self._timers[0].when - time.monotonic()))
 
     def _run(self) -> None:
+        set_os_thread_name("io")
         logger.debug("event loop started")
         while not self._stopping:
             try:

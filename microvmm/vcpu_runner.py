@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from microvmm.kvm import ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, SystemEvent
+from microvmm.osthread import set_os_thread_name
 
 if TYPE_CHECKING:
     from microvmm.diag.report import CpuSnapshot
@@ -120,6 +121,7 @@ class VcpuRunner:
     # -- the vCPU thread ---------------------------------------------------
 
     def _run(self) -> None:
+        set_os_thread_name(f"vcpu{self.index}")
         try:
             self._loop()
         except Exception as err:  # a VMM bug must end the VM loudly, not hang it
