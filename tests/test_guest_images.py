@@ -276,9 +276,15 @@ def test_build_initramfs_contents() -> None:
     assert entries["bin/busybox"].data == b"BUSYBOX"
     assert entries["init"].mode == stat.S_IFREG | 0o755
     init = entries["init"].data.decode()
-    for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "/dev/pts", "/tmp", "/run",
-                   "microvmm: init reached", "setsid cttyhack login -p -f root", "/sbin/poweroff"):
+    for needle in ("mount -t devtmpfs", "mkdir -p /dev/pts", "mount -a",
+                   "microvmm: init reached", "setsid -c login -p -f root", "/sys/class/tty/console/active",
+                   "/sbin/poweroff"):
         assert needle in init, needle
+    # `mount -a` mounts everything else /init needs
+    fstab = [line.split() for line in entries["etc/fstab"].data.decode().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert {(fields[1], fields[2]) for fields in fstab} == {
+        ("/proc", "proc"), ("/sys", "sysfs"), ("/dev/pts", "devpts"), ("/tmp", "tmpfs"), ("/run", "tmpfs")}
     assert entries["bin/sh"].data == b"/bin/busybox"
     assert entries["sbin/reboot"].kind is newc.EntryKind.SYMLINK
     # poweroff/halt are our scripts, not busybox links.
@@ -371,3 +377,16 @@ def test_initramfs_shell_scripts_parse_with_busybox_sh(script: str) -> None:
     import subprocess
     result = subprocess.run([busybox, "sh", "-n", str(GUEST / "initramfs" / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_applet_links_are_the_few_needed_before_proc_and_by_path(tmp_path) -> None:
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("no busybox on this machine")
+    links = build_images.applet_links(busybox)
+    # /init's first mount runs before /proc (busybox's /proc/self/exe) exists;
+    # /etc/passwd and scripts name /bin/sh.
+    assert {"bin/sh", "bin/mount"} <= set(links)
+    assert len(links) < 10  # each link costs the guest ~35 ms to unpack here
+    with pytest.raises(build_images.GuestBuildError, match="no-such-applet"):
+        build_images.applet_links(busybox, ("bin/sh", "bin/no-such-applet"))
