@@ -52,6 +52,35 @@ class StopReason(enum.Enum):
     HOST_ERROR = "VMM error while handling an exit"
 
 
+class DeviceGate:
+    """Holds vCPU exits that need devices until the VMM has registered them all.
+
+    The VMM starts the vCPUs before it builds the devices (the guest touches
+    none for its first seconds): a vCPU whose first I/O or MMIO exit comes
+    earlier waits here, then gets the buses, or nothing if the build failed.
+    """
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self._buses: tuple | None = None
+
+    def open(self, io_bus, mmio_bus) -> None:
+        """All devices are registered: release the waiting exits to these buses."""
+        self._buses = (io_bus, mmio_bus)
+        self._decided.set()
+
+    def fail(self) -> None:
+        """The device build failed: waiting exits are never dispatched."""
+        self._decided.set()
+
+    def wait(self, stopping: threading.Event, poll: float = 0.05) -> tuple | None:
+        """(io_bus, mmio_bus) once open; None if the build failed or `stopping` got set first."""
+        while not self._decided.wait(poll):
+            if stopping.is_set():
+                return None
+        return self._buses
+
+
 @dataclass
 class VcpuStop:
     """Why a vCPU thread ended the VM, with its state when that mattered."""
@@ -66,7 +95,10 @@ class VcpuRunner:
     """Runs one vCPU on its own thread until the VM stops."""
 
     def __init__(self, index: int, vcpu, memory, io_bus, mmio_bus, quirks,
-                 on_stop: Callable[[VcpuStop], None]):
+                 on_stop: Callable[[VcpuStop], None], gate: DeviceGate | None = None):
+        """Either both buses, or None for both and a `gate` that delivers them later."""
+        if (io_bus is None) != (mmio_bus is None) or (io_bus is None) != (gate is not None):
+            raise ValueError("pass both buses, or neither and a DeviceGate")
         self.index = index
         self.vcpu = vcpu
         self._memory = memory
@@ -74,6 +106,7 @@ class VcpuRunner:
         self._mmio_bus = mmio_bus
         self._quirks = quirks
         self._on_stop = on_stop
+        self._gate = gate
         self._stopping = threading.Event()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"microvmm-vcpu{index}", daemon=True)
@@ -142,6 +175,10 @@ class VcpuRunner:
                 if data is None:
                     return
                 bus = self._io_bus
+                if bus is None:  # devices still being built: once per run
+                    if not self._await_devices():
+                        return
+                    bus = self._io_bus
                 if count == 1:  # the common case: one in/out instruction
                     if out:
                         bus.write(port, size, int.from_bytes(data, "little"))
@@ -158,6 +195,8 @@ class VcpuRunner:
             if reason == ExitReason.MMIO:
                 counts["mmio"] += 1
                 mmio = vcpu.mmio
+                if self._mmio_bus is None and not self._await_devices():
+                    return
                 if mmio.is_write:
                     self._mmio_bus.write(mmio.phys_addr, mmio.len, int.from_bytes(mmio.data, "little"))
                 else:
@@ -172,6 +211,15 @@ class VcpuRunner:
             if not self._handle_rare_exit(reason):
                 return
         self._serve_requests()
+
+    def _await_devices(self) -> bool:
+        """Wait at the gate for the buses; False: the VM is stopping (the build failed)."""
+        buses = self._gate.wait(self._stopping)
+        if buses is None:
+            self._stopping.set()
+            return False
+        self._io_bus, self._mmio_bus = buses
+        return True
 
     def _io_exit(self, vcpu):
         try:

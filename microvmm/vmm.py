@@ -26,7 +26,7 @@ from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
 from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
-from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
+from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
 
 if TYPE_CHECKING:
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
+# Where the virtio-console function sits, and the INTx routing the PCI bus gives
+# it (pci/bus.py DEFAULT_INTX_GSIS[0], the function's INTA#): the MP table is
+# written before the bus exists, from these; _build_pci checks them.
+CONSOLE_PCI_SLOT = 1
+PCI_INTA = 1
+FIRST_PCI_INTX_GSI = 16
 TSS_ADDRESS = 0xFFFBD000
 IDENTITY_MAP_ADDRESS = 0xFFFBC000
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
@@ -132,13 +138,19 @@ class Vmm:
         # stop (socket files, terminal), not kill the process half-built.
         self._install_signal_handlers()
         try:
-            self._build(quirks)
-        except Exception:
-            self._teardown()
-            raise
-        try:
+            self._build_vm(quirks)
             if not self._stopped.is_set():
-                self._start()
+                self._start_vcpus()
+                # vCPU 0 runs its early boot code (it touches no device for
+                # seconds) while this thread builds the devices; an exit that
+                # needs one waits at the gate meanwhile.
+                try:
+                    self._build_devices()
+                except BaseException:
+                    self._gate.fail()
+                    raise
+                self._gate.open(self.io_bus, self.mmio_bus)
+                self._start_io()
                 self._install_seccomp()
                 self._wait()
         finally:
@@ -182,16 +194,14 @@ class Vmm:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
                   "host workarounds are off.", file=sys.stderr)
 
-    def _build(self, quirks) -> None:
+    def _build_vm(self, quirks) -> None:
+        """What must exist before vCPU 0's first KVM_RUN: the VM with its in-kernel
+        irqchip and PIT, guest memory with the kernel loaded (its MP table included),
+        the vCPUs in their boot state, and every host resource a user's option
+        names (serial file, console port backends) so that those fail before the
+        guest runs. Devices come later (_build_devices)."""
         from microvmm.boot import RNG_SEED_SIZE, guest_ram_layout, setup_linux_boot, vcpu_cpuid
-        from microvmm.kvm import CpuidEntry
-        from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
-        from microvmm.devices.i8042 import I8042, I8042_BASE, I8042_PORT_COUNT
-        from microvmm.devices.legacy import IO_DELAY_PORTS, NullDevice
-        from microvmm.devices.rtc import RTC_BASE, RTC_PORT_COUNT, CmosRtc
-        from microvmm.devices.serial import UART_PORT_COUNT, Serial16550A
-        from microvmm.eventloop import EventLoop
-        from microvmm.kvm import Cap, Kvm
+        from microvmm.kvm import Cap, CpuidEntry, Kvm
         from microvmm.memory import GuestMemory
 
         config = self.config
@@ -218,13 +228,93 @@ class Vmm:
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
 
+        # Host resources named by the user fail here, before the guest runs.
+        self._serial_sink = self._open_serial_sink()
+        self._port_backends = self._open_port_backends()
+
+        kernel_bytes, initrd_bytes = self._images.result()
+        # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
+        # is ready at once (a kernel that trusts its boot loader).
+        boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
+                                num_cpus=config.cpus, pci_irqs=self._planned_pci_irqs(),
+                                rng_seed=os.urandom(RNG_SEED_SIZE))
+        self.boot = boot
+        supported = kvm.get_supported_cpuid()
+        self._gate = gate = DeviceGate()
+        for index in range(config.cpus):
+            vcpu = vm.create_vcpu(index)
+            self._closers.append(vcpu.close)
+            vcpu.set_cpuid2([CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                             for e in vcpu_cpuid(supported, index, config.cpus)])
+            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
+            if index == 0:
+                self._set_boot_state(vcpu, boot)
+            runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
+                                on_stop=self._vcpu_stopped, gate=gate)
+            self.runners.append(runner)
+
+    def _planned_pci_irqs(self) -> list:
+        """The MP table's PCI interrupt routing, from the configuration alone (the
+        devices are built after the guest starts): the console function, when
+        there is one, at its slot's INTA# on the bus's first INTx GSI.
+        _build_pci checks the bus assigned exactly this."""
+        from microvmm.boot import PciIrq
+        if not self._wants_console():
+            return []
+        return [PciIrq(device=CONSOLE_PCI_SLOT, pin=PCI_INTA, ioapic_pin=FIRST_PCI_INTX_GSI)]
+
+    def _wants_console(self) -> bool:
+        return bool(self.config.ports) or self.config.command is not None
+
+    def _open_port_backends(self) -> list:
+        """The user's console ports' backends (a socket file, a pty...), opened
+        while nothing runs yet so that a failure ends the VMM before the guest starts."""
+        if not self.config.ports:
+            return []
+        from microvmm.virtio_console import BackendError, create_backend
+
+        escape = EscapeFilter()
+
+        def stdio_filter(data: bytes) -> bytes:
+            data, commands = escape.feed(data)
+            self._escape_commands(commands)
+            return data
+
+        ports = []
+        try:
+            for spec in self.config.ports:
+                backend = create_backend(spec, sys.stderr, stdio_filter)
+                self._closers.append(backend.close)
+                ports.append((spec, backend))
+        except BackendError as err:
+            raise VmmError(str(err)) from err
+        return ports
+
+    def _start_vcpus(self) -> None:
+        self.start_time = time.monotonic()
+        if os.environ.get(EXIT_AT_FIRST_RUN_ENV) == "1":
+            self._exit_at_first_run(self.runners[0].vcpu)
+        for runner in self.runners:
+            runner.start()
+
+    def _build_devices(self) -> None:
+        """Everything the guest needs only later, built while vCPU 0 runs: the
+        legacy devices, the PCI bus, the virtio-console with its irqfds and
+        ioeventfds, the event loop. Its exits wait at the gate until this is done."""
+        from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
+        from microvmm.devices.i8042 import I8042, I8042_BASE, I8042_PORT_COUNT
+        from microvmm.devices.legacy import IO_DELAY_PORTS, NullDevice
+        from microvmm.devices.rtc import RTC_BASE, RTC_PORT_COUNT, CmosRtc
+        from microvmm.devices.serial import UART_PORT_COUNT, Serial16550A
+        from microvmm.eventloop import EventLoop
+
+        vm = self.vm
         self.loop = loop = EventLoop()
         self._closers.append(loop.close)
         self.io_bus = Bus("pio", address_limit=PIO_ADDRESS_LIMIT)
         self.mmio_bus = Bus("mmio", unclaimed_granule=0x1000)
 
         # Legacy devices
-        self._serial_sink = self._open_serial_sink()
         self.serial = Serial16550A(irq_level=lambda level: vm.irq_line(COM1_IRQ, level),
                                    output=self._serial_output,
                                    rx_ready=lambda: self.loop.call_soon_threadsafe(self._feed_serial))
@@ -234,30 +324,9 @@ class Vmm:
         self.io_bus.register(RTC_BASE, RTC_PORT_COUNT, CmosRtc(), "rtc")
         for delay_port in IO_DELAY_PORTS:
             self.io_bus.register(delay_port.base, delay_port.length, NullDevice(), delay_port.name)
+        self._build_pci()
 
-        pci_irqs = self._build_pci()
-
-        kernel_bytes, initrd_bytes = self._images.result()
-        # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
-        # is ready at once (a kernel that trusts its boot loader).
-        boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
-                                num_cpus=config.cpus, pci_irqs=pci_irqs,
-                                rng_seed=os.urandom(RNG_SEED_SIZE))
-        self.boot = boot
-        supported = kvm.get_supported_cpuid()
-        for index in range(config.cpus):
-            vcpu = vm.create_vcpu(index)
-            self._closers.append(vcpu.close)
-            vcpu.set_cpuid2([CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                             for e in vcpu_cpuid(supported, index, config.cpus)])
-            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
-            if index == 0:
-                self._set_boot_state(vcpu, boot)
-            runner = VcpuRunner(index, vcpu, memory, self.io_bus, self.mmio_bus, quirks,
-                                on_stop=self._vcpu_stopped)
-            self.runners.append(runner)
-
-    def _build_pci(self) -> list:
+    def _build_pci(self) -> None:
         """The PCI bus and, when ports are configured, the virtio-console function."""
         from microvmm.boot import PciIrq
         from microvmm.pci.bus import (CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, IO_BAR_WINDOW,
@@ -269,39 +338,32 @@ class Vmm:
         self.mmio_bus.register(MMIO_BAR_WINDOW[0], MMIO_BAR_WINDOW[1] - MMIO_BAR_WINDOW[0],
                                _PciBarWindow(MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
                                "pci-mmio")
-        if self.config.ports or self.config.command is not None:
+        if self._wants_console():
             self._attach_console(pci)
-        return [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
-                for a in pci.pci_irq_assignments()]
+        assigned = [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi) for a in pci.pci_irq_assignments()]
+        if assigned != self._planned_pci_irqs():  # the guest's MP table already says _planned_pci_irqs
+            raise VmmError(f"PCI interrupt routing {assigned} differs from the MP table's "
+                           f"{self._planned_pci_irqs()}")
 
     def _attach_console(self, pci) -> None:
         """The virtio-console function: queue kicks via ioeventfd, interrupts via irqfd."""
         from microvmm.interrupts import GsiRouter, KvmIntxLine, KvmMsiController
         from microvmm.virtio.pci_legacy import VirtioPciLegacy
-        from microvmm.virtio_console import BackendError, VirtioConsole, create_backend
+        from microvmm.virtio_console import VirtioConsole
 
-        escape = EscapeFilter()
-
-        def stdio_filter(data: bytes) -> bytes:
-            data, commands = escape.feed(data)
-            self._escape_commands(commands)
-            return data
-
-        try:
-            ports = [(spec, create_backend(spec, sys.stderr, stdio_filter)) for spec in self.config.ports]
-        except BackendError as err:
-            raise VmmError(str(err)) from err
+        ports = list(self._port_backends)
         if self.config.command is not None:
-            ports += self._command_ports()
-        for _, backend in ports:
-            self._closers.append(backend.close)
+            command_ports = self._command_ports()
+            for _, backend in command_ports:
+                self._closers.append(backend.close)
+            ports += command_ports
         console = VirtioConsole(ports, self.loop, queue_size=self.config.queue_size)
         console.output_tap = self.monitor.feed
         self.console = console
         self._closers.append(console.close)
         self._closers.append(console.restore_terminals)
         transport = VirtioPciLegacy(console, self.memory)
-        assignment = pci.add_device(transport, slot=1)
+        assignment = pci.add_device(transport, slot=CONSOLE_PCI_SLOT)
         router = GsiRouter(self.vm)
         msi = KvmMsiController(self.vm, router, transport.num_queues + 1)
         self._closers.append(msi.close)
@@ -386,18 +448,14 @@ class Vmm:
         vcpu.set_regs(Regs(rip=state.rip, rsp=state.rsp, rsi=state.rsi, rflags=state.rflags))
         vcpu.set_fpu(Fpu())
 
-    def _start(self) -> None:
+    def _start_io(self) -> None:
+        """Once the devices exist: host input, the event loop, the profiler."""
         if getattr(self, "_watch_winch", False):
             # the host terminal was resized: tell the guest (RESIZE control message)
             self._previous_handlers[signal.SIGWINCH] = signal.signal(
                 signal.SIGWINCH, lambda *_: self.console.refresh_sizes())
         self._start_serial_input()
         self.loop.start()
-        self.start_time = time.monotonic()
-        if os.environ.get(EXIT_AT_FIRST_RUN_ENV) == "1":
-            self._exit_at_first_run(self.runners[0].vcpu)
-        for runner in self.runners:
-            runner.start()
         if self.config.profile:
             from microvmm.profiler import GuestProfiler
             self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,
