@@ -108,6 +108,8 @@ class VcpuRunner:
         self._on_stop = on_stop
         self._gate = gate
         self._stopping = threading.Event()
+        #: Set just before the thread's first KVM_RUN (see wait_entering_guest).
+        self._entering_guest = threading.Event()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"microvmm-vcpu{index}", daemon=True)
         self.workarounds_applied: dict[str, int] = {}
@@ -127,6 +129,14 @@ class VcpuRunner:
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def wait_entering_guest(self, timeout: float = 1.0) -> bool:
+        """Block (GIL released) until this thread is about to issue its first KVM_RUN.
+
+        A thread that has just started competes for the GIL with the one that
+        started it; without this wait, the starter's next work (imports) can
+        hold the vCPU out of the guest for a switch interval or more."""
+        return self._entering_guest.wait(timeout)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -167,6 +177,7 @@ class VcpuRunner:
         counts = self.exit_counts
         counts.setdefault("io", 0)
         counts.setdefault("mmio", 0)
+        self._entering_guest.set()
         while not self._stopping.is_set():
             reason = vcpu.run()
             if reason == ExitReason.IO:

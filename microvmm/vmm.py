@@ -296,6 +296,8 @@ class Vmm:
             self._exit_at_first_run(self.runners[0].vcpu)
         for runner in self.runners:
             runner.start()
+        # Let vCPU 0 into the guest before this thread takes the GIL for the device build.
+        self.runners[0].wait_entering_guest()
 
     def _build_devices(self) -> None:
         """Everything the guest needs only later, built while vCPU 0 runs: the
