@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,30 @@ def test_the_mp_table_routing_written_before_the_pci_bus_exists_is_checked(kvm, 
         assert err.splitlines()[-1].startswith("microvmm: error: PCI interrupt routing")
     else:
         assert "error" not in err
+
+
+@needs_images
+def test_no_device_module_is_imported_before_the_vcpus_start():
+    """What the guest needs only later is imported after vCPU 0 starts: the
+    modules loaded when _start_vcpus is called (all pre-KVM_RUN work done)."""
+    import json
+    import subprocess
+    import sys
+    code = (
+        "import json, sys\nfrom microvmm import vmm\nseen = {}\nreal = vmm.Vmm._start_vcpus\n"
+        "def start(self):\n    seen['modules'] = sorted(sys.modules)\n    real(self)\n"
+        "vmm.Vmm._start_vcpus = start\nfrom microvmm.cli import main\n"
+        f"status = main(['run', '--serial', 'off', '--kernel', {str(IMAGES / 'vmlinux')!r}, "
+        f"'--initrd', {str(IMAGES / 'initramfs.cpio')!r}, '--', 'true'])\n"
+        "print('MODULES=' + json.dumps(seen['modules']))\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "MICROVMM_EXIT_AT_FIRST_RUN": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES=")), None)
+    assert line is not None, proc.stderr[-3000:]
+    loaded = set(json.loads(line.removeprefix("MODULES=")))
+    assert "microvmm.boot" in loaded and "microvmm.kvm" in loaded
+    deferred = {"microvmm.devices.bus", "microvmm.devices.serial", "microvmm.devices.i8042",
+                "microvmm.devices.rtc", "microvmm.eventloop", "microvmm.pci.bus", "microvmm.pci.config",
+                "microvmm.virtio.pci_legacy", "microvmm.virtio_console.device", "microvmm.interrupts"}
+    assert sorted(loaded & deferred) == []
