@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import threading
 import time
 from pathlib import Path
 
