@@ -309,16 +309,19 @@ class Vmm:
         from microvmm.devices.rtc import RTC_BASE, RTC_PORT_COUNT, CmosRtc
         from microvmm.devices.serial import UART_PORT_COUNT, Serial16550A
         from microvmm.eventloop import EventLoop
+        from microvmm.outputbatch import OutputBatcher
 
         vm = self.vm
         self.loop = loop = EventLoop()
         self._closers.append(loop.close)
+        # The UART sends a byte per vCPU exit: pass them on in runs (lines).
+        self._serial_batch = OutputBatcher(self._serial_output, loop)
         self.io_bus = Bus("pio", address_limit=PIO_ADDRESS_LIMIT)
         self.mmio_bus = Bus("mmio", unclaimed_granule=0x1000)
 
         # Legacy devices
         self.serial = Serial16550A(irq_level=lambda level: vm.irq_line(COM1_IRQ, level),
-                                   output=self._serial_output,
+                                   output=self._serial_batch.write,
                                    rx_ready=lambda: self.loop.call_soon_threadsafe(self._feed_serial))
         self.io_bus.register(COM1_BASE, UART_PORT_COUNT, self.serial, "com1")
         self.io_bus.register(I8042_BASE, I8042_PORT_COUNT, I8042(reset_requested=self._reset_requested),
@@ -498,6 +501,7 @@ class Vmm:
                 break
 
     def _teardown(self) -> None:
+        self._flush_serial()
         if getattr(self, "profiler", None) is not None:
             self.profiler.stop()  # before the vCPUs go: it samples them
             self._write_profile()
@@ -506,6 +510,7 @@ class Vmm:
         for runner in self.runners:
             if runner.thread.is_alive():
                 runner.thread.join(timeout=5)
+        self._flush_serial()  # what the vCPUs wrote last
         if getattr(self, "_raw_terminal", None):
             self._raw_terminal.restore()
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
@@ -677,6 +682,13 @@ class Vmm:
                 raise VmmError(f"--serial file:{serial.path}: {err.strerror}") from err
             return _OutputSink(fd, owned=True)
         return None
+
+    def _flush_serial(self) -> None:
+        """Pass on serial bytes still waiting for the end of their line (before a
+        report quotes the last console lines, and at the end)."""
+        batch = getattr(self, "_serial_batch", None)
+        if batch is not None:
+            batch.flush()
 
     def _serial_output(self, data: bytes) -> None:
         self.monitor.feed(SERIAL_PORT, data)
