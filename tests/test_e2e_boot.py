@@ -8,6 +8,7 @@ emulating KVM host); the tests run in file order and the last one powers off.
 import json
 import re
 import signal
+import time
 
 import pytest
 
@@ -55,6 +56,20 @@ def test_serial_input_reaches_guest_in_order(guest):
     status, out = guest.run("echo ${#line} $line")
     assert status == 0
     assert out.strip() == f"300 {data}"
+
+
+def test_console_shell_has_job_control_and_ctrl_c_interrupts(guest):
+    # /init gives the shell the console as its controlling tty (setsid -c on
+    # the console named in sysfs): tty names it, and ^C reaches the foreground job.
+    status, out = guest.run("tty")
+    assert (status, out.strip()) == (0, "/dev/ttyS0")
+    started = time.monotonic()
+    guest.send("sleep 60\n")
+    time.sleep(5)  # the sleep is running in the foreground by now (a fork+exec takes ~1 s here)
+    guest.send("\x03")
+    status, out = guest.run("echo alive", timeout=40)
+    assert (status, out.strip()) == (0, "alive")
+    assert time.monotonic() - started < 45  # not the 60 s the sleep wanted
 
 
 def test_sigusr1_reports_symbolized_vcpu_state(guest):
