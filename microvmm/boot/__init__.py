@@ -9,19 +9,24 @@ from .bzimage import LoadedBzImage, SetupHeader, load_bzimage, parse_setup_heade
 from .cpuid import CpuidEntry, vcpu_cpuid
 from .elf import KernelFormat, LoadedElf, detect_kernel_format, load_elf_vmlinux
 from .errors import (BootError, BzImageError, CmdlineError, ElfError, InitrdError,
-                     KernelFormatError, MpTableError)
+                     KernelFormatError, MpTableError, PayloadCorruptError, PayloadError,
+                     PayloadLocationError, PayloadNotElfError, PayloadTooLargeError,
+                     UnsupportedPayloadError)
 from .layout import MemoryLayoutError, guest_ram_layout
 from .linux import BootInfo, setup_linux_boot
 from .mptable import PciIrq, write_mptable
 from .paging import DescriptorTable, LongModeState, Segment
+from .payload import DecompressedPayload, PayloadFormat, decompress_bzimage_payload
 from .params import RNG_SEED_SIZE, BootParams, E820Entry, E820Type, SetupDataType, build_setup_data_chain
 
 __all__ = [
     "BootError", "BootInfo", "BootParams", "BzImageError", "CmdlineError", "CpuidEntry",
-    "DescriptorTable", "E820Entry", "E820Type", "ElfError", "InitrdError", "KernelFormat",
+    "DecompressedPayload", "DescriptorTable", "E820Entry", "E820Type", "ElfError", "InitrdError", "KernelFormat",
     "KernelFormatError", "LoadedBzImage", "LoadedElf", "LongModeState", "MemoryLayoutError",
-    "MpTableError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",
-    "build_setup_data_chain", "detect_kernel_format",
+    "MpTableError", "PayloadCorruptError", "PayloadError", "PayloadFormat",
+    "PayloadLocationError", "PayloadNotElfError", "PayloadTooLargeError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",
+    "UnsupportedPayloadError", "build_setup_data_chain", "decompress_bzimage_payload",
+    "detect_kernel_format",
     "guest_ram_layout", "load_bzimage", "load_elf_vmlinux", "parse_setup_header",
     "setup_linux_boot", "vcpu_cpuid", "write_mptable",
 ]

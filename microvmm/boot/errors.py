@@ -29,3 +29,34 @@ class InitrdError(BootError):
 
 class MpTableError(BootError):
     """The MP table cannot describe the requested CPUs / interrupts."""
+
+
+class PayloadError(BzImageError):
+    """A bzImage's compressed payload cannot be turned into its ELF vmlinux."""
+
+
+class UnsupportedPayloadError(PayloadError):
+    """The payload's compression format cannot be decompressed by the VMM.
+
+    The bzImage still boots the usual way: its own decompressor runs in the guest.
+    """
+
+    def __init__(self, message: str, payload_format: str) -> None:
+        super().__init__(message)
+        self.payload_format = payload_format
+
+
+class PayloadLocationError(PayloadError):
+    """payload_offset/payload_length point outside the protected-mode kernel."""
+
+
+class PayloadCorruptError(PayloadError):
+    """The payload does not decompress (truncated, bad checksum, bad block)."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """The payload decompresses to more than the VMM's limit (a decompression bomb)."""
+
+
+class PayloadNotElfError(PayloadError):
+    """The payload decompresses, but not to an ELF file."""
