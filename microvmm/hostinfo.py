@@ -46,12 +46,16 @@ class HostQuirks:
     inject_bp_on_int3: bool = False
     #: Step over `fwait` when it fails emulation (it only checks x87 exceptions).
     skip_fwait: bool = False
+    #: Decompress a bzImage's payload on the host and boot its ELF: the
+    #: kernel's own decompressor would run emulated (~20 s for LZ4, minutes for XZ).
+    decompress_bzimage_on_host: bool = False
     notes: tuple[str, ...] = field(default=())
 
     @property
     def active(self) -> bool:
         return self.kind is HostKind.EMULATING and (
-            bool(self.cmdline_additions) or self.inject_bp_on_int3 or self.skip_fwait)
+            bool(self.cmdline_additions) or self.inject_bp_on_int3 or self.skip_fwait
+            or self.decompress_bzimage_on_host)
 
 
 def detect_host_kind(sys_module: Path = Path("/sys/module"),
@@ -78,6 +82,7 @@ def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks
         ),
         inject_bp_on_int3=True,
         skip_fwait=True,
+        decompress_bzimage_on_host=True,
     )
 
 

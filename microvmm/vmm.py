@@ -188,11 +188,26 @@ class Vmm:
         if self.quirks.active:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
                   "boot takes minutes, not milliseconds; applying host workarounds (extra command "
-                  "line options, #BP for int3, skipping fwait). --no-host-workarounds turns them off.",
+                  "line options, #BP for int3, skipping fwait, a bzImage's payload decompressed "
+                  "on the host). --no-host-workarounds turns them off.",
                   file=sys.stderr)
         else:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
                   "host workarounds are off.", file=sys.stderr)
+
+    @staticmethod
+    def _announce_payload_workaround(boot) -> None:
+        """Say that (or why not) a bzImage was booted as its host-decompressed ELF."""
+        if boot.payload_format is not None:
+            logger.warning(
+                "host workaround: bzImage: %s payload (%.1f MB ELF) decompressed on the host in "
+                "%.2f s, booted at its ELF entry; the guest's decompressor would run emulated "
+                "(--no-host-workarounds keeps it)", boot.payload_format,
+                boot.payload_elf_size / 1e6, boot.payload_decompress_seconds)
+        elif boot.payload_fallback_reason is not None:
+            logger.warning(
+                "host workaround: bzImage: not applied: %s; the guest's own decompressor runs "
+                "emulated, which takes tens of seconds to minutes here", boot.payload_fallback_reason)
 
     def _build_vm(self, quirks) -> None:
         """What must exist before vCPU 0's first KVM_RUN: the VM with its in-kernel
@@ -237,9 +252,11 @@ class Vmm:
         # is ready at once (a kernel that trusts its boot loader).
         boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
                                 num_cpus=config.cpus, pci_irqs=self._planned_pci_irqs(),
-                                rng_seed=os.urandom(RNG_SEED_SIZE))
+                                rng_seed=os.urandom(RNG_SEED_SIZE),
+                                bzimage_payload_as_elf=quirks.decompress_bzimage_on_host)
         del kernel_bytes, initrd_bytes  # in guest RAM now; their pages go back
         self.boot = boot
+        self._announce_payload_workaround(boot)
         supported = kvm.get_supported_cpuid()
         self._gate = gate = DeviceGate()
         for index in range(config.cpus):

@@ -303,3 +303,20 @@ def test_the_default_guest_bzimage_holds_its_vmlinux():
     reference = vmlinux.read_bytes()
     assert result.elf[24:32] == reference[24:32]  # e_entry
     assert list(_pt_loads(result.elf)) == list(_pt_loads(reference))
+
+
+def test_the_vmm_announces_the_workaround_and_its_fallback(mem, caplog):
+    from microvmm.vmm import Vmm
+    caplog.set_level("WARNING", logger="microvmm.vmm")
+    info = setup_linux_boot(mem, bzimage_with_payload(compress("lz4", kernel_elf())), "",
+                            bzimage_payload_as_elf=True)
+    Vmm._announce_payload_workaround(info)
+    assert "host workaround: bzImage: lz4 payload (0.0 MB ELF) decompressed on the host" in caplog.text
+    caplog.clear()
+    info = setup_linux_boot(mem, bzimage_with_payload(b"\x28\xb5\x2f\xfd" + bytes(64)), "",
+                            bzimage_payload_as_elf=True)
+    Vmm._announce_payload_workaround(info)
+    assert "host workaround: bzImage: not applied:" in caplog.text and "zstd" in caplog.text
+    caplog.clear()
+    Vmm._announce_payload_workaround(setup_linux_boot(mem, kernel_elf(), ""))
+    assert caplog.text == ""

@@ -149,3 +149,12 @@ def test_merge_keeps_workarounds_before_init_arguments():
     assert kernel_tokens[0] == "console=ttyS0"
     for addition in ADDITIONS:
         assert addition in kernel_tokens
+
+
+def test_bzimage_payload_is_decompressed_on_the_host_only_when_emulating():
+    assert host_quirks(HostKind.EMULATING, "kvm_pvm").decompress_bzimage_on_host
+    assert not host_quirks(HostKind.EMULATING, "kvm_pvm", enabled=False).decompress_bzimage_on_host
+    assert not host_quirks(HostKind.HARDWARE, "vmx").decompress_bzimage_on_host
+    # That workaround alone makes the quirks active (announced at start).
+    alone = HostQuirks(HostKind.EMULATING, "why", decompress_bzimage_on_host=True)
+    assert alone.active
