@@ -85,7 +85,7 @@ def legacy_ring_bytes(size: int) -> int:
     return used + 2 * 3 + 8 * size
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
     """One available buffer: a validated descriptor chain, as views into guest RAM.
 
@@ -260,14 +260,48 @@ class VirtQueue:
             self._set_avail_event(self.last_avail_idx)
         return chain
 
-    def undo_pop(self) -> None:
-        """Put the most recently popped chain back (device could not use it yet)."""
-        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+    def pop_batch(self, max_chains: int) -> list[DescriptorChain]:
+        """Take up to `max_chains` available chains, each validated as `pop` does.
+
+        A malformed chain after at least one good one ends the batch without
+        being consumed: the good chains are returned and the next `pop` /
+        `pop_batch` raises `VirtQueueError` for it, so the caller finishes the
+        work it already took before the queue fails. A malformed first chain
+        raises at once.
+        """
+        pending = self._pending()
+        if pending == 0:
+            return []
+        assert self._avail_view is not None
+        avail = self._avail_view
+        mask = self.size - 1
+        unpack_u16 = _U16.unpack_from
+        walk = self._walk_chain
+        taken = min(pending, max_chains)
+        start = self.last_avail_idx
+        chains: list[DescriptorChain] = []
+        for n in range(taken):
+            head = unpack_u16(avail, 4 + 2 * ((start + n) & mask))[0]
+            try:
+                chains.append(walk(head))
+            except VirtQueueError:
+                if not chains:
+                    raise
+                break
+        self.last_avail_idx = (start + len(chains)) & 0xFFFF
+        if self.event_idx and self._notification_enabled:
+            self._set_avail_event(self.last_avail_idx)
+        return chains
+
+    def undo_pop(self, count: int = 1) -> None:
+        """Put the `count` most recently popped chains back (device could not use them yet)."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
 
     def _read_desc(self, table: memoryview, index: int) -> tuple[int, int, int, int]:
         return _DESC.unpack_from(table, DESC_SIZE * index)
 
     def _buffer(self, addr: int, length: int) -> memoryview:
+        # (GuestMemory bounds-checks the range; this only words the error.)
         if addr + length > 0xFFFFFFFFFFFFFFFF:
             raise VirtQueueError(f"descriptor {addr:#x}+{length:#x} wraps the address space")
         try:
@@ -276,26 +310,33 @@ class VirtQueue:
             raise VirtQueueError(f"descriptor buffer outside guest RAM: {exc}") from exc
 
     def _walk_chain(self, head: int) -> DescriptorChain:
-        if head >= self.size:
-            raise VirtQueueError(f"avail ring head {head} >= queue size {self.size}")
+        size = self.size
+        if head >= size:
+            raise VirtQueueError(f"avail ring head {head} >= queue size {size}")
         assert self._desc_view is not None
-        chain = DescriptorChain(head)
+        addr, length, flags, nxt = _DESC.unpack_from(self._desc_view, DESC_SIZE * head)
+        if not flags & (_F_NEXT | _F_INDIRECT):
+            # The common one-descriptor chain (a console write or receive buffer).
+            if flags & _F_WRITE:
+                return DescriptorChain(head, [], [self._buffer(addr, length)])
+            return DescriptorChain(head, [self._buffer(addr, length)], [])
+        chain = DescriptorChain(head, [], [])
         index = head
-        seen = 0
+        seen = 1
         while True:
-            seen += 1
-            if seen > self.size:
-                raise VirtQueueError(f"descriptor chain from {head} loops or exceeds queue size")
-            addr, length, flags, nxt = self._read_desc(self._desc_view, index)
             if flags & _F_INDIRECT:
                 self._walk_indirect(chain, addr, length, flags)
                 return chain
             self._append(chain, addr, length, flags)
             if not flags & _F_NEXT:
                 return chain
-            if nxt >= self.size:
-                raise VirtQueueError(f"descriptor next {nxt} >= queue size {self.size}")
+            if nxt >= size:
+                raise VirtQueueError(f"descriptor next {nxt} >= queue size {size}")
             index = nxt
+            seen += 1
+            if seen > size:
+                raise VirtQueueError(f"descriptor chain from {head} loops or exceeds queue size")
+            addr, length, flags, nxt = _DESC.unpack_from(self._desc_view, DESC_SIZE * index)
 
     def _walk_indirect(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         if not self.indirect:
@@ -347,6 +388,28 @@ class VirtQueue:
         _USED_ELEM.pack_into(self._used_view, 4 + 8 * slot, head, length & 0xFFFFFFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(self._used_view, 2, self.used_idx)
+
+    def add_used_batch(self, heads: list[int], length: int = 0) -> None:
+        """Return several chains, each with `length` bytes written, publishing the index once."""
+        if not heads:
+            return
+        if not self.ready:
+            raise VirtQueueError("add_used on a queue that is not set up")
+        size = self.size
+        for head in heads:
+            if not 0 <= head < size:
+                raise ValueError(f"head {head} out of range")
+        assert self._used_view is not None
+        used = self._used_view
+        pack = _USED_ELEM.pack_into
+        idx = self.used_idx
+        length &= 0xFFFFFFFF
+        # Every element is written before the index that publishes them all.
+        for head in heads:
+            pack(used, 4 + 8 * (idx & (size - 1)), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(used, 2, idx)
 
     def needs_notification(self) -> bool:
         """Should the device interrupt the driver for the used entries added so far?

@@ -11,6 +11,9 @@ Contract (what the device relies on):
 * Nothing blocks. `write(data)` returns how many bytes the sink took: possibly
   fewer, or 0 when it would block or no peer is connected. The caller keeps the
   rest; a backend never drops data it was given but did not count as written.
+* `write_vectored(buffers)` is `write` of the buffers' concatenation in one
+  call (writev / sendmsg where the sink allows it): same return value and the
+  same promise about what was not counted. At most `MAX_IOV` buffers per call.
 * `read(max_bytes)` returns available input, or b"" when there is none right
   now (end of input is handled inside the backend: it stops watching the fd).
 * Readiness is interest-based rather than fd-based, because a backend's fd
@@ -56,7 +59,7 @@ import time
 import tty
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TextIO
 
 from microvmm.terminal import RawTerminal
 from microvmm.virtio_console.spec import BackendKind, PortSpec, SocketMode
@@ -73,6 +76,8 @@ DEFAULT_MONITOR_INTERVAL = 0.2
 DEFAULT_RECONNECT_INTERVAL = 1.0
 #: Regular files cannot be polled (epoll says EPERM); retry them on a timer.
 _UNPOLLABLE_RETRY = 0.02
+#: Most buffers a `write_vectored` call takes (Linux's IOV_MAX / UIO_MAXIOV).
+MAX_IOV = 1024
 #: errnos that mean "this fd is no longer ours", not "the peer went away".
 _FD_GONE = (errno.EBADF, errno.ENOTSOCK, errno.ENOTTY)
 
@@ -175,6 +180,20 @@ class PortBackend(ABC):
     @abstractmethod
     def write(self, data: bytes | memoryview) -> int:
         """Non-blocking write; returns the number of bytes taken (maybe 0)."""
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
+        """Non-blocking write of the buffers in order; the number of bytes taken.
+
+        This default writes them one by one, stopping at the first short write;
+        fd and socket backends override it with one writev / sendmsg.
+        """
+        total = 0
+        for buffer in buffers:
+            written = self.write(buffer)
+            total += written
+            if written < len(buffer):
+                break
+        return total
 
     def read(self, max_bytes: int) -> bytes:
         """Non-blocking read; b"" when nothing is available now."""
@@ -308,10 +327,10 @@ class PortBackend(ABC):
                 self._monitor_timer = self._loop.call_later(self.monitor_interval, self._monitor_tick)
 
 
-def _write_fd(fd: int, data: bytes | memoryview) -> int:
-    """os.write that reports 'would block' as 0 bytes."""
+def _writev_fd(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+    """os.writev that reports 'would block' as 0 bytes."""
     try:
-        return os.write(fd, data)
+        return os.writev(fd, buffers)
     except (BlockingIOError, InterruptedError):
         return 0
 
@@ -340,8 +359,11 @@ class FileBackend(PortBackend):
         return self._fd
 
     def write(self, data: bytes | memoryview) -> int:
+        return self.write_vectored((data,))
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
         try:
-            written = _write_fd(self._fd, data)
+            written = _writev_fd(self._fd, buffers)
         except OSError as exc:
             if exc.errno in _FD_GONE:
                 self._fd_failed(f"writing {self.path}", exc)
@@ -454,8 +476,11 @@ class StdioBackend(PortBackend):
         return self._out
 
     def write(self, data: bytes | memoryview) -> int:
+        return self.write_vectored((data,))
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
         try:
-            return _write_fd(self._out, data)
+            return _writev_fd(self._out, buffers)
         except OSError as exc:
             logger.warning("stdio port %s: output closed: %s", self.name, exc.strerror)
             self._set_connected(False)
@@ -517,8 +542,11 @@ class TtyBackend(PortBackend):
         return self._fd
 
     def write(self, data: bytes | memoryview) -> int:
+        return self.write_vectored((data,))
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
         try:
-            return _write_fd(self._fd, data)
+            return _writev_fd(self._fd, buffers)
         except OSError as exc:
             logger.warning("tty port %s: %s: %s", self.name, self.path, exc.strerror)
             self._set_connected(False)
@@ -596,10 +624,13 @@ class PtyBackend(PortBackend):
                 self._listener.backend_resized(size)
 
     def write(self, data: bytes | memoryview) -> int:
+        return self.write_vectored((data,))
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
         if not self.connected:
             return 0
         try:
-            return _write_fd(self._master, data)
+            return _writev_fd(self._master, buffers)
         except OSError as exc:
             self._pty_error(exc)
             return 0
@@ -679,6 +710,17 @@ class _SocketBackend(PortBackend):
             return 0
         try:
             return self._conn.send(data, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._drop_peer(exc)
+            return 0
+
+    def write_vectored(self, buffers: Sequence[bytes | memoryview]) -> int:
+        if self._conn is None:
+            return 0
+        try:
+            return self._conn.sendmsg(buffers, (), socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
