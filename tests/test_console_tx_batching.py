@@ -148,8 +148,8 @@ def test_short_write_in_the_middle_completes_exactly_the_written_chains(make_rig
     rig.backend_writable()
     assert bytes(rig.backend.data) == b"".join(PAYLOADS), "no loss, no duplicate, order kept"
     resumed = rig.backend.calls[calls_before:]
-    assert resumed[0] == [PAYLOADS[1][30:]], "the cut chain resumes at its first unwritten byte"
-    assert resumed[1:] == [PAYLOADS[2:]], "the chains put back leave together"
+    assert resumed == [[PAYLOADS[1][30:]] + PAYLOADS[2:]], \
+        "the cut chain resumes at its first unwritten byte, the chains put back follow in the same write"
     assert [u.head for u in rig.ring.get_used()] == heads[1:]
     assert rig.port.pending is None
 
@@ -165,6 +165,23 @@ def test_short_write_on_a_chain_boundary_keeps_the_next_chain_whole(make_rig):
     rig.backend_writable()
     assert bytes(rig.backend.data) == b"".join(PAYLOADS)
     assert [u.head for u in rig.ring.get_used()] == heads[2:]
+
+
+def test_short_write_inside_the_pending_chain_keeps_it_pending(make_rig):
+    rig = make_rig()
+    rig.backend.budget = 30
+    heads = rig.post(PAYLOADS)
+    assert rig.port.pending.head == heads[0] and rig.port.pending.offset == 30
+    rig.backend.budget = 20  # still not the whole of chain 0
+    rig.backend_writable()
+    assert rig.port.pending.head == heads[0] and rig.port.pending.offset == 50
+    assert rig.ring.get_used() == []
+    assert rig.transport.queues[tx_queue_index(0)].last_avail_idx == 1
+    rig.backend.budget = None
+    rig.backend_writable()
+    assert bytes(rig.backend.data) == b"".join(PAYLOADS)
+    assert [u.head for u in rig.ring.get_used()] == heads
+    assert rig.port.pending is None
 
 
 def test_blocked_backend_uses_nothing_until_writable(make_rig):

@@ -95,3 +95,50 @@ def test_pop_batch_sets_avail_event_past_the_batch(memory):
         ring.add(readable=[b"x"])
     queue.pop_batch(8)
     assert ring.avail_event == 3
+
+
+def test_pop_readable_batch_returns_heads_lengths_and_views_in_order(memory):
+    ring, queue, _ = make(memory, indirect=True)
+    heads = [ring.add(readable=[b"one"]),
+             ring.add(readable=[b"tw", b"o!"], use_indirect=False),
+             ring.add(readable=[b"thr", b"ee"], use_indirect=True),
+             ring.add(readable=[b"four"], writable=[8], use_indirect=False),  # writable part not returned
+             ring.add(writable=[4])]
+    views = [memoryview(b"lead")]
+    got_heads, lengths = queue.pop_readable_batch(8, views)
+    assert got_heads == heads
+    assert lengths == [3, 4, 5, 4, 0]
+    assert b"".join(views) == b"leadonetwo!threefour"
+
+
+def test_pop_readable_batch_stops_at_max_chains_and_max_bytes(memory):
+    ring, queue, _ = make(memory)
+    heads = [ring.add(readable=[b"x" * 100]) for _ in range(6)]
+    views: list = []
+    assert queue.pop_readable_batch(2, views)[0] == heads[:2]
+    assert queue.pop_readable_batch(8, views, max_bytes=150)[0] == heads[2:4]  # stops once >= 150
+    assert queue.pop_readable_batch(8, views)[0] == heads[4:]
+    assert len(views) == 6
+
+
+@pytest.mark.parametrize("corrupt", ["outside", "wraps", "head", "nested-loop"])
+def test_pop_readable_batch_validates_and_stops_before_a_bad_chain(memory, corrupt):
+    ring, queue, _ = make(memory)
+    good = ring.add(readable=[b"ok"])
+    bad = ring.add(readable=[b"a", b"b"])
+    ring.add(readable=[b"after"])
+    second = ring.posted[bad].descs[1]
+    if corrupt == "outside":
+        ring.write_desc(ring.desc, bad, RAM - 1, 2, 0, 0)  # straddles the end of RAM
+    elif corrupt == "wraps":
+        ring.write_desc(ring.desc, bad, (1 << 64) - 1, 2, 0, 0)
+    elif corrupt == "head":
+        ring.set_avail_ring(1, 200)
+    else:
+        ring.write_desc(ring.desc, second, 0x2000, 1, DescFlags.NEXT, bad)
+    views: list = []
+    assert queue.pop_readable_batch(8, views) == ([good], [2])
+    assert queue.last_avail_idx == 1
+    with pytest.raises(VirtQueueError):
+        queue.pop_readable_batch(8, [])
+    assert queue.last_avail_idx == 1, "nothing at or after the bad chain is consumed"

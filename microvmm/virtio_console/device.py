@@ -56,6 +56,9 @@ MAX_READ = 64 * 1024
 MAX_CONTROL_BACKLOG = 1024
 #: Most guest->host chains gathered into one backend write.
 TX_BATCH_CHAINS = 64
+#: ...and at most about this many bytes: a unix socket's default send buffer
+#: (~208 KiB) takes a batch this size whole, so short writes stay rare.
+TX_BATCH_BYTES = 128 * 1024
 _CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 EMERG_WR_OFFSET = 8
 
@@ -358,14 +361,14 @@ class VirtioConsole(VirtioDevice):
             self.output_tap(port.spec.name, _prefix(views, written))
         return written
 
-    def _flush_held(self, port: Port) -> bool:
-        """Write held output and the pending chain; True when nothing is left."""
+    def _flush_held(self, port: Port, with_pending: bool = True) -> bool:
+        """Write held output (and the pending chain); True when nothing is left."""
         if port.held:
             del port.held[:self._write_out(port, port.held)]
             if port.held:
                 return False
         pending = port.pending
-        if pending is not None:
+        if pending is not None and with_pending:
             pending.offset += self._write_out(port, pending.remaining)
             if len(pending.remaining):
                 return False
@@ -379,47 +382,67 @@ class VirtioConsole(VirtioDevice):
     def _process_tx(self, port: Port) -> None:
         """Move guest output to the backend, a batch of chains per write call.
 
-        A batch's buffers leave in one writev/sendmsg. The chains wholly
-        written are used; the first one cut short becomes the port's pending
-        chain (its rest is copied) and the chains after it go back to the
-        ring untouched, so a short write keeps order and loses nothing.
-        Console ports hold whatever the backend did not take and use every
-        chain. The driver is interrupted once per call, not per chain.
+        A batch's buffers leave in one writev/sendmsg, behind the rest of the
+        pending chain if there is one. The chains wholly written are used; the
+        first one cut short becomes (or stays) the port's pending chain, its
+        rest copied, and the chains after it go back to the ring untouched, so
+        a short write keeps order and loses nothing. Console ports hold
+        whatever the backend did not take and use every chain. The driver is
+        interrupted once per call, not per chain.
         """
-        flushed = self._flush_held(port)
-        queue = self._port_queue(port, tx_queue_index(port.index))
-        if queue is not None and (flushed or port.console):
-            console = port.console
+        index = tx_queue_index(port.index)
+        queue = self._port_queue(port, index)
+        console = port.console
+        # A serial port's pending chain leads the next batch (one write for both).
+        flushed = self._flush_held(port, with_pending=queue is None or console)
+        if queue is not None and (flushed or console):
             used = False
-            while console or not (port.held or port.pending):
-                chains = queue.pop_batch(TX_BATCH_CHAINS)
-                if not chains:
+            while console or not port.held:
+                views: list[memoryview] = []
+                pending = None if console else port.pending
+                if pending is not None:
+                    views.append(pending.remaining)
+                heads, lengths = queue.pop_readable_batch(TX_BATCH_CHAINS, views, TX_BATCH_BYTES)
+                if not heads and pending is None:
                     break
-                views = [view for chain in chains for view in chain.readable]
                 written = 0 if port.held else self._write_out_vectored(port, views)
                 if console:
                     for view in _suffix(views, written):
                         port.hold(view)
-                    queue.add_used_batch([chain.head for chain in chains])
+                    queue.add_used_batch(heads)
                     used = True
                     continue
-                done: list[int] = []
-                for position, chain in enumerate(chains):
-                    readable = chain.readable
-                    length = len(readable[0]) if len(readable) == 1 else sum(map(len, readable))
-                    if written >= length:
-                        written -= length
-                        done.append(chain.head)
-                        continue
-                    # Cut short: this chain waits in `pending`, the later ones in the ring.
-                    port.pending = PendingChain(chain.head, chain.read_all(), written)
-                    queue.undo_pop(len(chains) - position - 1)
-                    break
-                if done:
-                    queue.add_used_batch(done)
+                finished: list[int] = []
+                if pending is not None:
+                    lead = len(views[0])
+                    if written < lead:
+                        pending.offset += written
+                        queue.undo_pop(len(heads))
+                        break
+                    written -= lead
+                    port.pending = None
+                    finished.append(pending.head)
+                    del views[0]
+                if written == sum(lengths):
+                    finished += heads
+                    queue.add_used_batch(finished)
                     used = True
+                    continue
+                done = 0
+                while written >= lengths[done]:
+                    written -= lengths[done]
+                    done += 1
+                # Cut short: chain `done` waits in `pending`, the later ones in the ring.
+                cut = _prefix(_suffix(views, sum(lengths[:done])), lengths[done])
+                port.pending = PendingChain(heads[done], cut, written)
+                queue.undo_pop(len(heads) - done - 1)
+                finished += heads[:done]
+                if finished:
+                    queue.add_used_batch(finished)
+                    used = True
+                break
             if used:
-                self._signal(tx_queue_index(port.index))
+                self._signal(index)
         port.backend.set_write_interest(bool(port.held or port.pending))
 
     def _emergency_write(self, char: bytes) -> None:
