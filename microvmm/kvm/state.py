@@ -15,7 +15,7 @@ def _names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
-@dataclass(slots=True)
+@dataclass
 class Regs:
     """General-purpose registers (struct kvm_regs)."""
 
@@ -50,7 +50,7 @@ class Regs:
 _REGS_NAMES = _names(Regs)
 
 
-@dataclass(slots=True)
+@dataclass
 class Segment:
     """A segment register's hidden state (struct kvm_segment)."""
 
@@ -81,7 +81,7 @@ class Segment:
 _SEGMENT_NAMES = _names(Segment)
 
 
-@dataclass(slots=True)
+@dataclass
 class DTable:
     """A descriptor-table register, GDTR or IDTR (struct kvm_dtable)."""
 
@@ -102,7 +102,7 @@ _DTABLE_REGS = ("gdt", "idt")
 _SREGS_SCALARS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
 
-@dataclass(slots=True)
+@dataclass
 class Sregs:
     """Special registers (struct kvm_sregs)."""
 
@@ -146,7 +146,7 @@ class Sregs:
         c.interrupt_bitmap = list(self.interrupt_bitmap)
 
 
-@dataclass(slots=True)
+@dataclass
 class Fpu:
     """x87/SSE state (struct kvm_fpu). The defaults are the reset state
     (FCW 0x37f, MXCSR 0x1f80), so ``vcpu.set_fpu(Fpu())`` initialises the FPU.
@@ -183,7 +183,7 @@ class Fpu:
         c.mxcsr = self.mxcsr
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(frozen=True)
 class CpuidEntry:
     """One CPUID leaf/subleaf (struct kvm_cpuid_entry2)."""
 
@@ -209,7 +209,7 @@ class CpuidEntry:
         c.edx = self.edx
 
 
-@dataclass(slots=True)
+@dataclass
 class ExceptionEvent:
     injected: int = 0
     nr: int = 0
@@ -218,7 +218,7 @@ class ExceptionEvent:
     error_code: int = 0
 
 
-@dataclass(slots=True)
+@dataclass
 class InterruptEvent:
     injected: int = 0
     nr: int = 0
@@ -226,14 +226,14 @@ class InterruptEvent:
     shadow: int = 0
 
 
-@dataclass(slots=True)
+@dataclass
 class NmiEvent:
     injected: int = 0
     pending: int = 0
     masked: int = 0
 
 
-@dataclass(slots=True)
+@dataclass
 class SmiEvent:
     smm: int = 0
     pending: int = 0
@@ -248,7 +248,7 @@ _EVENT_PARTS = tuple(
                       ("nmi", NmiEvent), ("smi", SmiEvent)))
 
 
-@dataclass(slots=True)
+@dataclass
 class VcpuEvents:
     """Pending/injected exceptions, interrupts, NMI and SMI (struct kvm_vcpu_events).
 
