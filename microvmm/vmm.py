@@ -12,7 +12,6 @@ import base64
 import logging
 import os
 import re
-import shlex
 import signal
 import stat
 import sys
@@ -22,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from microvmm.boot.layout import guest_ram_layout
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
+from microvmm.kvm import Cap, Kvm, Vm
+from microvmm.memory import GuestMemory
 from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
@@ -127,17 +129,19 @@ class Vmm:
     # -- lifecycle ------------------------------------------------------------
 
     def run(self) -> VmOutcome:
-        # The images (a vmlinux is ~15 MB) load on a helper thread while this
-        # one imports the devices and creates the VM: read() drops the GIL.
-        self._images = _ImageReader(self.config.kernel, self.config.initrd)
-        kind, reason = detect_host_kind()
-        quirks = host_quirks(kind, reason, self.config.host_workarounds)
-        self.quirks = quirks
-        self._announce_host(kind, reason)
-        # Handlers first: a signal during setup must clean up like any other
-        # stop (socket files, terminal), not kill the process half-built.
-        self._install_signal_handlers()
+        # The VM and guest RAM are created, and the images (a vmlinux is ~15 MB)
+        # read, on helper threads while this one imports the boot loaders:
+        # ioctl(), mmap() and read() drop the GIL.
+        self._vm_setup = _VmSetup(self.config.mem_size)
         try:
+            self._images = _ImageReader(self.config.kernel, self.config.initrd)
+            kind, reason = detect_host_kind()
+            quirks = host_quirks(kind, reason, self.config.host_workarounds)
+            self.quirks = quirks
+            self._announce_host(kind, reason)
+            # Handlers first: a signal during setup must clean up like any other
+            # stop (socket files, terminal), not kill the process half-built.
+            self._install_signal_handlers()
             self._build_vm(quirks)
             if not self._stopped.is_set():
                 self._start_vcpus()
@@ -215,9 +219,8 @@ class Vmm:
         the vCPUs in their boot state, and every host resource a user's option
         names (serial file, console port backends) so that those fail before the
         guest runs. Devices come later (_build_devices)."""
-        from microvmm.boot import RNG_SEED_SIZE, guest_ram_layout, setup_linux_boot, vcpu_cpuid
-        from microvmm.kvm import Cap, CpuidEntry, Kvm
-        from microvmm.memory import GuestMemory
+        from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
+        from microvmm.kvm import CpuidEntry
 
         config = self.config
         additions = quirks.cmdline_additions
@@ -226,22 +229,10 @@ class Vmm:
         cmdline = merge_cmdline(config.cmdline, additions)
         self.cmdline = cmdline
 
-        self.kvm = kvm = Kvm()
-        self._closers.append(kvm.close)
-        for cap in (Cap.IRQCHIP, Cap.IRQFD, Cap.IOEVENTFD, Cap.USER_MEMORY, Cap.PIT2, Cap.IMMEDIATE_EXIT):
-            if not kvm.check_extension(cap):
-                raise VmmError(f"this host's KVM lacks {cap.name}, which microvmm needs")
-        self.vm = vm = kvm.create_vm()
-        self._closers.append(vm.close)
-        vm.set_tss_addr(TSS_ADDRESS)
-        vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
-        vm.create_irqchip()
-        vm.create_pit2(flags=0)
-
-        self.memory = memory = GuestMemory(guest_ram_layout(config.mem_size))
-        self._closers.append(memory.close)
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+        # Built by _VmSetup meanwhile; its errors surface here, where they
+        # always did.
+        self.kvm, self.vm, self.memory = kvm, vm, memory = self._vm_setup.take()
+        self._closers.extend((kvm.close, vm.close, memory.close))
 
         # Host resources named by the user fail here, before the guest runs.
         self._serial_sink = self._open_serial_sink()
@@ -533,6 +524,12 @@ class Vmm:
             self._raw_terminal.restore()
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(signum, handler)
+        setup = getattr(self, "_vm_setup", None)
+        if setup is not None:
+            setup.close()  # a failure before _build_vm took the VM
+        images = getattr(self, "_images", None)
+        if images is not None:
+            images.close()  # no reader thread outlives the run
         for close in reversed(self._closers):
             try:
                 close()
@@ -800,6 +797,7 @@ COMMAND_STATUS_PORT = "microvmm.status"
 
 def command_parameter(argv: list[str]) -> str:
     """base64 of the shell-quoted command: no spaces or quotes on the command line."""
+    import shlex  # deferred: only `-- CMD` runs need it (issue 6)
     return base64.b64encode(shlex.join(argv).encode()).decode()
 
 
@@ -813,6 +811,85 @@ def _read_file(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise VmmError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+class _VmSetup:
+    """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and its
+    registered guest RAM on a helper thread, started as the run begins.
+
+    Registering guest RAM alone takes ~5 ms of ioctl time, which the GIL does
+    not cover: the main thread imports the boot loaders meanwhile. take() waits
+    and hands over (kvm, vm, memory), or raises the very error the setup met
+    (KvmUnavailableError, KvmError, VmmError...), after closing whatever the
+    thread had built. close() waits too and closes what take() did not hand over.
+    """
+
+    #: The GIL switch interval while the setup runs. The thread takes the GIL
+    #: back after each of its ~10 ioctls; at Python's default 5 ms it waits that
+    #: long behind the importing main thread every time (measured: the setup
+    #: took 17 ms instead of 6).
+    SWITCH_INTERVAL = 0.0005
+
+    def __init__(self, mem_size: int):
+        self._mem_size = mem_size
+        self._built: tuple[Kvm, Vm, GuestMemory] | None = None
+        self._error: BaseException | None = None
+        self._previous_switch_interval: float | None = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._previous_switch_interval, self.SWITCH_INTERVAL))
+        self._thread = threading.Thread(target=self._build, name="microvmm-vm-setup", daemon=True)
+        self._thread.start()
+
+    def _join(self) -> None:
+        self._thread.join()
+        previous, self._previous_switch_interval = self._previous_switch_interval, None
+        if previous is not None:
+            sys.setswitchinterval(previous)
+
+    def _build(self) -> None:
+        closers = []
+        try:
+            kvm = Kvm()
+            closers.append(kvm.close)
+            for cap in (Cap.IRQCHIP, Cap.IRQFD, Cap.IOEVENTFD, Cap.USER_MEMORY, Cap.PIT2, Cap.IMMEDIATE_EXIT):
+                if not kvm.check_extension(cap):
+                    raise VmmError(f"this host's KVM lacks {cap.name}, which microvmm needs")
+            vm = kvm.create_vm()
+            closers.append(vm.close)
+            vm.set_tss_addr(TSS_ADDRESS)
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+            vm.create_irqchip()
+            vm.create_pit2(flags=0)
+            memory = GuestMemory(guest_ram_layout(self._mem_size))
+            closers.append(memory.close)
+            for slot, region in enumerate(memory.regions):
+                vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+            self._built = (kvm, vm, memory)
+        except BaseException as err:  # handed to the main thread by take()
+            for close in reversed(closers):
+                try:
+                    close()
+                except Exception as close_err:  # keep closing the rest
+                    logger.debug("VM setup cleanup: %s", close_err)
+            self._error = err
+
+    def take(self) -> tuple[Kvm, Vm, GuestMemory]:
+        self._join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        built, self._built = self._built, None
+        if built is None:
+            raise RuntimeError("_VmSetup.take() called twice")
+        return built
+
+    def close(self) -> None:
+        self._join()
+        built, self._built = self._built, None
+        if built is not None:
+            kvm, vm, memory = built
+            memory.close()
+            vm.close()
+            kvm.close()
 
 
 class _ImageReader:
@@ -846,6 +923,11 @@ class _ImageReader:
         if images is None:
             raise RuntimeError("_ImageReader.take() called twice")
         return images
+
+    def close(self) -> None:
+        """Wait for the reads (a failed run ends before take()) and drop the bytes."""
+        self._thread.join()
+        self._images = None
 
 
 def run_vm(config: VmConfig) -> int:

@@ -36,6 +36,7 @@ NOT_AT_STARTUP = (
     "microvmm.virtio_console.backends",
     "microvmm.virtio.queue",
     "socket",                           # socket console backends
+    "shlex",                            # quoting a `-- CMD` for the kernel command line
 )
 
 #: The modules the CLI and the VMM import to get to the first KVM_RUN.
@@ -58,6 +59,27 @@ def test_importing_the_startup_modules_loads_no_diagnostic_or_port_code():
     loaded = _modules_after("\n".join(f"import {name}" for name in STARTUP_IMPORTS))
     assert set(STARTUP_IMPORTS) <= loaded
     assert sorted(loaded & set(NOT_AT_STARTUP)) == []
+
+
+def test_validating_the_memory_size_does_not_import_the_boot_loaders():
+    """The CLI checks --mem with guest_ram_layout; the loaders are imported by the
+    VMM while its helper thread creates the VM (microvmm.boot loads them lazily)."""
+    loaded = _modules_after("from microvmm.boot.layout import guest_ram_layout\n"
+                            "from microvmm.boot import MemoryLayoutError, BootError")
+    loaders = {"microvmm.boot.linux", "microvmm.boot.bzimage", "microvmm.boot.elf", "microvmm.boot.paging",
+               "microvmm.boot.params", "microvmm.boot.mptable", "microvmm.boot.payload", "microvmm.boot.cpuid"}
+    assert sorted(loaded & loaders) == []
+
+
+def test_the_boot_package_still_exports_every_name_from_its_submodules():
+    import microvmm.boot as boot
+    for name in boot.__all__:
+        assert getattr(boot, name) is not None
+    assert set(boot.__all__) <= set(dir(boot))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        boot.no_such_name  # noqa: B018
+    from microvmm.boot import setup_linux_boot  # the from-import form
+    assert setup_linux_boot.__module__ == "microvmm.boot.linux"
 
 
 def test_the_cli_alone_does_not_import_the_vmm():

@@ -5,19 +5,42 @@ Nothing here touches KVM: functions write guest memory and return dataclasses
 Most callers need only setup_linux_boot() and vcpu_cpuid().
 """
 
-from .bzimage import LoadedBzImage, SetupHeader, load_bzimage, parse_setup_header
-from .cpuid import CpuidEntry, vcpu_cpuid
-from .elf import KernelFormat, LoadedElf, detect_kernel_format, load_elf_vmlinux
 from .errors import (BootError, BzImageError, CmdlineError, ElfError, InitrdError,
                      KernelFormatError, MpTableError, PayloadCorruptError, PayloadError,
                      PayloadLocationError, PayloadNotElfError, PayloadTooLargeError,
                      UnsupportedPayloadError)
 from .layout import MemoryLayoutError, guest_ram_layout
-from .linux import BootInfo, setup_linux_boot
-from .mptable import PciIrq, write_mptable
-from .paging import DescriptorTable, LongModeState, Segment
-from .payload import DecompressedPayload, PayloadFormat, decompress_bzimage_payload
-from .params import RNG_SEED_SIZE, BootParams, E820Entry, E820Type, SetupDataType, build_setup_data_chain
+
+# The rest loads on first use (PEP 562): the CLI validates --mem with
+# guest_ram_layout alone, and the VMM imports the loaders while a helper
+# thread creates the VM (issue 6). name -> submodule.
+_LAZY = {
+    "LoadedBzImage": "bzimage", "SetupHeader": "bzimage", "load_bzimage": "bzimage",
+    "parse_setup_header": "bzimage",
+    "CpuidEntry": "cpuid", "vcpu_cpuid": "cpuid",
+    "KernelFormat": "elf", "LoadedElf": "elf", "detect_kernel_format": "elf", "load_elf_vmlinux": "elf",
+    "BootInfo": "linux", "setup_linux_boot": "linux",
+    "PciIrq": "mptable", "write_mptable": "mptable",
+    "DescriptorTable": "paging", "LongModeState": "paging", "Segment": "paging",
+    "DecompressedPayload": "payload", "PayloadFormat": "payload", "decompress_bzimage_payload": "payload",
+    "RNG_SEED_SIZE": "params", "BootParams": "params", "E820Entry": "params", "E820Type": "params",
+    "SetupDataType": "params", "build_setup_data_chain": "params",
+}
+
+
+def __getattr__(name: str):
+    submodule = _LAZY.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BootError", "BootInfo", "BootParams", "BzImageError", "CmdlineError", "CpuidEntry",
