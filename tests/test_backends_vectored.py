@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 
@@ -97,7 +98,7 @@ def test_file_writev_appends_in_order(loop, tmp_path):
 
 
 def test_pty_writev_reaches_the_slave(loop):
-    backend = PtyBackend("p", announce=open(os.devnull, "w"), monitor_interval=0.01)
+    backend = PtyBackend("p", announce=io.StringIO(), monitor_interval=0.01)
     attach(loop, backend)
     slave = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
     try:
