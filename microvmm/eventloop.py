@@ -181,7 +181,12 @@ class EventLoop:
                 raise EventLoopError("event loop already started")
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=False)
+            self._named = threading.Event()
         self._thread.start()
+        # The thread names itself (an open of /proc/thread-self/comm for
+        # writing) before start() returns: a seccomp filter installed right
+        # after would refuse that open, or kill the process in KILL mode.
+        self._named.wait(5.0)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the loop thread and wait for it (unless called from it)."""
@@ -225,6 +230,7 @@ class EventLoop:
 
     def _run(self) -> None:
         set_os_thread_name("io")
+        self._named.set()
         logger.debug("event loop started")
         while not self._stopping:
             try:

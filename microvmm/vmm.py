@@ -165,6 +165,10 @@ class Vmm:
         """Opt-in syscall filter, once setup is done and the vCPUs run."""
         if self.config.seccomp == "off":
             return
+        # Every vCPU thread has named itself (an open for writing, which the
+        # filter refuses) once it is about to enter the guest.
+        for runner in self.runners:
+            runner.wait_entering_guest(5.0)
         from microvmm.seccomp import FilterAction, SeccompError, install_filter
         client = any(p.backend.value == "socket" and p.socket_mode is not None
                      and p.socket_mode.value == "client" for p in self.config.ports)
