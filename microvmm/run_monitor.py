@@ -53,6 +53,8 @@ def _has_any(chunk: bytes, words: tuple[bytes, ...]) -> bool:
 
 @dataclass(frozen=True)
 class Failure:
+    """A kernel report (panic, Oops, BUG, WARNING) seen on a console."""
+
     level: FailureLevel
     port: str
     line: str

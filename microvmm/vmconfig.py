@@ -30,6 +30,8 @@ class SerialConfig:
 
 @dataclass
 class VmConfig:
+    """Everything `microvmm run` was asked for, validated by the CLI."""
+
     kernel: Path
     initrd: Path | None
     cmdline: str

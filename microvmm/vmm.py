@@ -58,6 +58,8 @@ class VmmError(Exception):
 
 @dataclass
 class VmOutcome:
+    """How a run ended: exit status, one-line summary, optional report."""
+
     exit_code: int
     summary: str
     report: str = ""

@@ -56,6 +56,8 @@ def detect_kernel_format(data: bytes | memoryview, source: str = "kernel") -> Ke
 
 @dataclass(frozen=True)
 class ElfSegment:
+    """One PT_LOAD segment: where it goes and where its bytes are in the file."""
+
     paddr: int
     filesz: int
     memsz: int
@@ -64,6 +66,8 @@ class ElfSegment:
 
 @dataclass(frozen=True)
 class LoadedElf:
+    """Where load_elf_vmlinux put a vmlinux, and its entry point."""
+
     entry: int  # physical address of startup_64
     segments: tuple[ElfSegment, ...]
     kernel_start: int  # lowest p_paddr

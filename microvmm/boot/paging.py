@@ -124,6 +124,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class DescriptorTable:
+    """A GDTR/IDTR value: base address and limit."""
+
     base: int
     limit: int
 

@@ -79,6 +79,8 @@ class E820Type(enum.IntEnum):
 
 @dataclass(frozen=True)
 class E820Entry:
+    """One range of the e820 memory map handed to the kernel."""
+
     addr: int
     size: int
     type: E820Type

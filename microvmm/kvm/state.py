@@ -211,6 +211,8 @@ class CpuidEntry:
 
 @dataclass
 class ExceptionEvent:
+    """kvm_vcpu_events.exception."""
+
     injected: int = 0
     nr: int = 0
     has_error_code: int = 0
@@ -220,6 +222,8 @@ class ExceptionEvent:
 
 @dataclass
 class InterruptEvent:
+    """kvm_vcpu_events.interrupt."""
+
     injected: int = 0
     nr: int = 0
     soft: int = 0
@@ -228,6 +232,8 @@ class InterruptEvent:
 
 @dataclass
 class NmiEvent:
+    """kvm_vcpu_events.nmi."""
+
     injected: int = 0
     pending: int = 0
     masked: int = 0
@@ -235,6 +241,8 @@ class NmiEvent:
 
 @dataclass
 class SmiEvent:
+    """kvm_vcpu_events.smi."""
+
     smm: int = 0
     pending: int = 0
     smm_inside_nmi: int = 0
