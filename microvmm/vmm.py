@@ -26,7 +26,6 @@ from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
 from microvmm.kvm import Cap, Kvm, Vm
 from microvmm.memory import GuestMemory
-from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
@@ -288,6 +287,7 @@ class Vmm:
             return []
         from microvmm.virtio_console import BackendError, create_backend
 
+        from microvmm.terminal import EscapeFilter  # deferred: termios, only with console ports
         escape = EscapeFilter()
 
         def stdio_filter(data: bytes) -> bytes:
@@ -449,6 +449,7 @@ class Vmm:
             if command == "quit":
                 self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
             elif command == "help":
+                from microvmm.terminal import ESCAPE_HELP
                 self._print_report(ESCAPE_HELP)
 
     def _set_boot_state(self, vcpu, boot) -> None:
@@ -725,6 +726,7 @@ class Vmm:
         except OSError:
             return  # no stdin at all (CI): the guest simply gets no input
         # The VMM's own messages share this terminal: keep \n -> \r\n on output.
+        from microvmm.terminal import ESCAPE_HELP, EscapeFilter, RawTerminal  # deferred: after the first KVM_RUN
         self._raw_terminal = RawTerminal(fd, cooked_output=True)
         interactive = self._raw_terminal.enter()
         escape = EscapeFilter() if interactive else None

@@ -37,6 +37,8 @@ NOT_AT_STARTUP = (
     "microvmm.virtio.queue",
     "socket",                           # socket console backends
     "shlex",                            # quoting a `-- CMD` for the kernel command line
+    "microvmm.terminal",                # raw mode and Ctrl-A escapes: serial input, console ports
+    "termios",
 )
 
 #: The modules the CLI and the VMM import to get to the first KVM_RUN.
