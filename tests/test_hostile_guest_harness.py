@@ -1102,7 +1102,9 @@ def test_harness_detects_a_device_that_raises(monkeypatch):
 
 def test_harness_detects_a_device_that_stops_working(monkeypatch):
     """A device whose output path is broken must fail the recovery check."""
+    # Both ways out: single writes and the batched (vectored) transmit path.
     monkeypatch.setattr(VirtioConsole, "_write_out", lambda self, port, data: 0)
+    monkeypatch.setattr(VirtioConsole, "_write_out_vectored", lambda self, port, views: 0)
     result = run_case(RandomChooser(7), max_ops=0)
     assert any("never reached the backend" in f for f in result.failures), result.failures
 
