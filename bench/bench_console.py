@@ -29,7 +29,6 @@ import argparse
 import io
 import os
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -48,14 +47,13 @@ from microvmm.virtio_console.device import ConsoleFeature, VirtioConsole, rx_que
 from microvmm.virtio_console.spec import parse_port_spec
 from microvmm.virtio.queue import DescFlags, UsedFlags
 from microvmm.virtio.pci_legacy import VirtioPciLegacy
-from tests.virtio_fake_driver import FakeLegacyPciDriver, FakeMsiController, GuestAllocator
+from tests.virtio_fake_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
+                                      GuestAllocator)
 
 RAM = 64 << 20
 SLOT = 4
 QUEUE_SIZE = 64  # microvmm run's default --queue-size
 F_MULTIPORT = 1 << ConsoleFeature.MULTIPORT
-CTRL = struct.Struct("<IHH")
-USED_ELEM = struct.Struct("<II")
 CONTROL_RX, CONTROL_TX = 2, 3
 CONTROL_BUFFER = 4096
 WAIT_LIMIT = 10.0  # no interrupt for this long: the device is stuck, fail the benchmark
@@ -65,16 +63,6 @@ SIZES = {"64b": 64, "4k": 4096, "64k": 65536}
 
 class BenchmarkStuck(RuntimeError):
     """The device stopped making progress."""
-
-
-class EventIntx:
-    """An INTx line that wakes the waiting fake guest (an IntxLine)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def assert_line(self) -> None:
-        self.event.set()
 
 
 @dataclass
@@ -134,7 +122,7 @@ class ConsoleRig:
         self._send_control(0, ControlEvent.PORT_OPEN, 1)  # the guest opens /dev/vport0p0
 
     def _send_control(self, port: int, event: int, value: int) -> None:
-        self.driver.rings[CONTROL_TX].add(readable=[CTRL.pack(port, event, value)])
+        self.driver.rings[CONTROL_TX].add(readable=[CONSOLE_CONTROL.pack(port, event, value)])
         self.driver.kick(CONTROL_TX, force=True)
 
     def _control_until(self, done) -> None:
@@ -147,7 +135,7 @@ class ConsoleRig:
             self.intx.event.clear()
             self.driver.read_isr()
             for used in self.driver.rings[CONTROL_RX].get_used():
-                seen.add(CTRL.unpack_from(used.data)[1])
+                seen.add(CONSOLE_CONTROL.unpack_from(used.data)[1])
                 self.driver.rings[CONTROL_RX].add(writable=[CONTROL_BUFFER])
                 self.driver.kick(CONTROL_RX)
             self.driver.rings[CONTROL_TX].get_used()
@@ -162,14 +150,7 @@ class ConsoleRig:
             ring.write_desc(ring.desc, desc, addr, size, DescFlags.WRITE if writable else 0, 0)
 
     def _reap(self, index: int) -> list[tuple[int, int]]:
-        ring = self.driver.rings[index]
-        used_idx = ring.used_idx
-        done = []
-        while ring.last_used_idx != used_idx:
-            slot = ring.last_used_idx % ring.size
-            done.append(USED_ELEM.unpack(self.memory.read(ring.used + 4 + 8 * slot, 8)))
-            ring.last_used_idx = (ring.last_used_idx + 1) & 0xFFFF
-        return done
+        return self.driver.rings[index].reap_used_elems()
 
     def _kick(self, index: int) -> None:
         ring = self.driver.rings[index]

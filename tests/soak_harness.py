@@ -26,7 +26,6 @@ import io
 import random
 import selectors
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,13 +43,12 @@ from microvmm.virtio_console.device import (
 )
 from microvmm.virtio_console.port import PortStats
 from microvmm.virtio_console.spec import parse_port_spec
-from tests.virtio_fake_driver import FakeLegacyPciDriver, FakeMsiController, GuestAllocator
+from tests.virtio_fake_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
+                                      GuestAllocator)
 
 RAM = 32 << 20
 SLOT = 4
 F_MULTIPORT = 1 << ConsoleFeature.MULTIPORT
-CTRL = struct.Struct("<IHH")
-USED_ELEM = struct.Struct("<II")
 CONTROL_BUFFER = 4096
 CONTROL_BUFFERS = 32
 REG_QUEUE_NOTIFY = 16
@@ -60,16 +58,6 @@ HOST_CHUNK_MAX = 64 * 1024
 
 class SoakStuck(RuntimeError):
     """The soak made no progress before its deadline (a lost byte or a stalled queue)."""
-
-
-class _EventIntx:
-    """INTx line that wakes the fake guest (an IntxLine)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def assert_line(self) -> None:
-        self.event.set()
 
 
 class SeededStream:
@@ -232,7 +220,7 @@ class SoakRig:
                                                queue_size=queue_size, announce=io.StringIO())
         self.memory = GuestMemory([(0, RAM)])
         self.bus = PciBus()
-        self.intx = _EventIntx()
+        self.intx = EventIntx()
         self.transport = VirtioPciLegacy(self.device, self.memory, intx=self.intx, msi=FakeMsiController())
         self.bus.add_device(self.transport, SLOT)
         self.allocator = GuestAllocator(self.memory, 0x10000, RAM)
@@ -258,7 +246,7 @@ class SoakRig:
     # ---- guest ----------------------------------------------------------------------
 
     def _send_control(self, port: int, event: int, value: int) -> None:
-        self.driver.rings[CONTROL_TX_QUEUE].add(readable=[CTRL.pack(port, event, value)])
+        self.driver.rings[CONTROL_TX_QUEUE].add(readable=[CONSOLE_CONTROL.pack(port, event, value)])
         self.driver.kick(CONTROL_TX_QUEUE, force=True)
 
     def _fixed_buffers(self, index: int, writable: bool) -> None:
@@ -275,14 +263,7 @@ class SoakRig:
             self.driver.io_write(REG_QUEUE_NOTIFY, 2, index)
 
     def _reap(self, index: int) -> list[tuple[int, int]]:
-        ring = self.driver.rings[index]
-        used_idx = ring.used_idx
-        done = []
-        while ring.last_used_idx != used_idx:
-            slot = ring.last_used_idx % ring.size
-            done.append(USED_ELEM.unpack(self.memory.read(ring.used + 4 + 8 * slot, 8)))
-            ring.last_used_idx = (ring.last_used_idx + 1) & 0xFFFF
-        return done
+        return self.driver.rings[index].reap_used_elems()
 
     def _bring_up(self) -> None:
         driver = self.driver
@@ -305,7 +286,7 @@ class SoakRig:
     def _handle_control(self) -> None:
         rx = self.driver.rings[CONTROL_RX_QUEUE]
         for used in rx.get_used():
-            port, event, value = CTRL.unpack_from(used.data)
+            port, event, value = CONSOLE_CONTROL.unpack_from(used.data)
             if event == ControlEvent.DEVICE_ADD:
                 ring = self.driver.rings[rx_queue_index(port)]
                 for desc in range(ring.size):

@@ -10,6 +10,7 @@ and `FakeMsiController` record the interrupts a function raises.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 from microvmm.memory import GuestMemory
@@ -28,6 +29,16 @@ PAGE = 4096
 
 # ---------------------------------------------------------------------------
 # Interrupt fakes (implement microvmm.pci.irq.IntxLine / MsiController)
+
+
+class EventIntx:
+    """An INTx line that wakes a fake guest waiting on `event` (an IntxLine)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def assert_line(self) -> None:
+        self.event.set()
 
 
 class FakeIntxLine:
@@ -110,6 +121,9 @@ class UsedBuffer:
 
 
 _DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+#: struct virtio_console_control as the driver writes and reads it: id, event, value.
+CONSOLE_CONTROL = struct.Struct("<IHH")
 
 
 class DriverRing:
@@ -225,7 +239,7 @@ class DriverRing:
         done: list[UsedBuffer] = []
         while self.last_used_idx != self.used_idx:
             slot = self.last_used_idx % self.size
-            head, length = struct.unpack("<II", self.memory.read(self.used + 4 + 8 * slot, 8))
+            head, length = _USED_ELEM.unpack(self.memory.read(self.used + 4 + 8 * slot, 8))
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
             posted = self.posted.pop(head)
             self.free.extend(posted.descs)
@@ -239,6 +253,18 @@ class DriverRing:
         if self.event_idx:
             # virtqueue_enable_cb: interrupt me when the next entry is used.
             self.set_used_event(self.last_used_idx)
+        return done
+
+    def reap_used_elems(self) -> list[tuple[int, int]]:
+        """(id, len) of every used entry since the last call, for drivers that
+        recycle their own buffers: nothing is freed or read back, and used_event
+        is left alone (unlike get_used)."""
+        used_idx = self.used_idx
+        done = []
+        while self.last_used_idx != used_idx:
+            slot = self.last_used_idx % self.size
+            done.append(_USED_ELEM.unpack(self.memory.read(self.used + 4 + 8 * slot, 8)))
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
         return done
 
     def disable_interrupts(self) -> None:
