@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from microvmm.boot.layout import guest_ram_layout
 from microvmm.exitcodes import ExitCode, signal_exit_code
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from microvmm.diag.symbols import SymbolMap
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 # Where the virtio-console function sits, and the INTx routing the PCI bus gives
@@ -517,7 +518,6 @@ class Vmm:
                 break
 
     def _teardown(self) -> None:
-        self._flush_serial()
         if getattr(self, "profiler", None) is not None:
             self.profiler.stop()  # before the vCPUs go: it samples them
             self._write_profile()
@@ -821,15 +821,63 @@ def _read_file(path: Path, what: str) -> bytes:
         raise VmmError(f"cannot read {what} {path}: {err.strerror}") from err
 
 
-class _VmSetup:
+class _HelperThread(Generic[T]):
+    """Runs `_work()` on a daemon thread started at construction: its reads,
+    mmap()s and ioctl()s drop the GIL, so the main thread's imports overlap them.
+
+    take() waits and hands the result over (once: no reference stays here), or
+    raises the very exception `_work()` met. close() waits too and passes a
+    result that was never taken to `_dispose()` (a run that failed before
+    needing it), so no helper thread or resource outlives the run.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> T:
+        raise NotImplementedError
+
+    def _dispose(self, result: T) -> None:
+        """Release a result that take() never handed over."""
+
+    def _run(self) -> None:
+        try:
+            self._result = self._work()
+        except BaseException as err:  # handed to the main thread by take()
+            self._error = err
+
+    def _join(self) -> None:
+        self._thread.join()
+
+    def take(self) -> T:
+        self._join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        result, self._result = self._result, None
+        if result is None:
+            raise RuntimeError(f"{type(self).__name__}.take() called twice")
+        return result
+
+    def close(self) -> None:
+        self._join()
+        result, self._result = self._result, None
+        if result is not None:
+            self._dispose(result)
+
+
+class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
     """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and its
     registered guest RAM on a helper thread, started as the run begins.
 
     Registering guest RAM alone takes ~5 ms of ioctl time, which the GIL does
-    not cover: the main thread imports the boot loaders meanwhile. take() waits
-    and hands over (kvm, vm, memory), or raises the very error the setup met
-    (KvmUnavailableError, KvmError, VmmError...), after closing whatever the
-    thread had built. close() waits too and closes what take() did not hand over.
+    not cover: the main thread imports the boot loaders meanwhile. take() hands
+    over (kvm, vm, memory), or raises the very error the setup met
+    (KvmUnavailableError, KvmError, VmmError...), after the thread closed
+    whatever it had built. close() closes what take() did not hand over.
     """
 
     #: The GIL switch interval while the setup runs. The thread takes the GIL
@@ -840,20 +888,17 @@ class _VmSetup:
 
     def __init__(self, mem_size: int):
         self._mem_size = mem_size
-        self._built: tuple[Kvm, Vm, GuestMemory] | None = None
-        self._error: BaseException | None = None
         self._previous_switch_interval: float | None = sys.getswitchinterval()
         sys.setswitchinterval(min(self._previous_switch_interval, self.SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._build, name="microvmm-vm-setup", daemon=True)
-        self._thread.start()
+        super().__init__("microvmm-vm-setup")
 
     def _join(self) -> None:
-        self._thread.join()
+        super()._join()
         previous, self._previous_switch_interval = self._previous_switch_interval, None
         if previous is not None:
             sys.setswitchinterval(previous)
 
-    def _build(self) -> None:
+    def _work(self) -> tuple[Kvm, Vm, GuestMemory]:
         closers = []
         try:
             kvm = Kvm()
@@ -871,71 +916,37 @@ class _VmSetup:
             closers.append(memory.close)
             for slot, region in enumerate(memory.regions):
                 vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
-            self._built = (kvm, vm, memory)
-        except BaseException as err:  # handed to the main thread by take()
+            return kvm, vm, memory
+        except BaseException:
             for close in reversed(closers):
                 try:
                     close()
                 except Exception as close_err:  # keep closing the rest
                     logger.debug("VM setup cleanup: %s", close_err)
-            self._error = err
+            raise
 
-    def take(self) -> tuple[Kvm, Vm, GuestMemory]:
-        self._join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        built, self._built = self._built, None
-        if built is None:
-            raise RuntimeError("_VmSetup.take() called twice")
-        return built
-
-    def close(self) -> None:
-        self._join()
-        built, self._built = self._built, None
-        if built is not None:
-            kvm, vm, memory = built
-            memory.close()
-            vm.close()
-            kvm.close()
+    def _dispose(self, result: tuple[Kvm, Vm, GuestMemory]) -> None:
+        kvm, vm, memory = result
+        memory.close()
+        vm.close()
+        kvm.close()
 
 
-class _ImageReader:
+class _ImageReader(_HelperThread["tuple[bytes, bytes | None]"]):
     """Reads the kernel and initrd on a helper thread, started before the VM is built.
 
-    take() waits for the reads and returns (kernel, initrd or None), raising
-    the VmmError a failed read gave. It hands the bytes over and keeps no
-    reference: once loaded into guest RAM they are garbage (a vmlinux is
-    ~17 MB of the VMM's resident memory otherwise).
+    take() returns (kernel, initrd or None), or raises the VmmError a failed
+    read gave. It keeps no reference: once loaded into guest RAM the bytes are
+    garbage (a vmlinux is ~17 MB of the VMM's resident memory otherwise).
     """
 
     def __init__(self, kernel: Path, initrd: Path | None):
         self._paths = (kernel, initrd)
-        self._images: tuple[bytes, bytes | None] | None = None
-        self._error: VmmError | None = None
-        self._thread = threading.Thread(target=self._read, name="microvmm-images", daemon=True)
-        self._thread.start()
+        super().__init__("microvmm-images")
 
-    def _read(self) -> None:
+    def _work(self) -> tuple[bytes, bytes | None]:
         kernel, initrd = self._paths
-        try:
-            self._images = (_read_file(kernel, "kernel"), _read_file(initrd, "initrd") if initrd else None)
-        except VmmError as err:
-            self._error = err
-
-    def take(self) -> tuple[bytes, bytes | None]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        images, self._images = self._images, None
-        if images is None:
-            raise RuntimeError("_ImageReader.take() called twice")
-        return images
-
-    def close(self) -> None:
-        """Wait for the reads (a failed run ends before take()) and drop the bytes."""
-        self._thread.join()
-        self._images = None
+        return _read_file(kernel, "kernel"), _read_file(initrd, "initrd") if initrd else None
 
 
 def run_vm(config: VmConfig) -> int:
