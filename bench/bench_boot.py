@@ -62,9 +62,14 @@ def thread_cpu(pid: int) -> list[ThreadCpu]:
 
 def vmm_own_cpu_s(threads: list[ThreadCpu]) -> tuple[float, float]:
     """(the VMM's own CPU seconds, the vCPU threads' system seconds): see the module docstring."""
-    own = sum(max(0.0, t.user_s - t.guest_s) for t in threads)
-    own += sum(t.system_s for t in threads if not re.fullmatch(r"vcpu\d+", t.comm))
-    return own, sum(t.system_s for t in threads if re.fullmatch(r"vcpu\d+", t.comm))
+    vcpu_system = other_system = 0.0
+    for t in threads:
+        if re.fullmatch(r"vcpu\d+", t.comm):
+            vcpu_system += t.system_s
+        else:
+            other_system += t.system_s
+    own = sum(max(0.0, t.user_s - t.guest_s) for t in threads) + other_system
+    return own, vcpu_system
 
 
 @dataclass
