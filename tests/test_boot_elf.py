@@ -1,4 +1,5 @@
-"""ELF vmlinux loading and kernel format detection."""
+"""ELF vmlinux loading (from bytes, and straight from the file into guest RAM)
+and kernel format detection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 
 from boot_testimages import make_bzimage, make_elf
-from microvmm.boot.elf import KernelFormat, detect_kernel_format, load_elf_vmlinux
+from microvmm.boot.elf import KernelFormat, detect_kernel_format, load_elf_vmlinux, load_elf_vmlinux_file
 from microvmm.boot.errors import ElfError, KernelFormatError
 from microvmm.memory import GuestMemory
 
@@ -22,14 +23,32 @@ def mem():
     memory.close()
 
 
-def test_segments_land_at_paddr_and_bss_is_zeroed(mem):
+@pytest.fixture(params=["bytes", "file"])
+def load(request, tmp_path):
+    """load(mem, image, source): each test runs against both loaders, which must
+    agree on every result and every error."""
+    if request.param == "bytes":
+        return load_elf_vmlinux
+
+    def from_file(memory, image, source="vmlinux"):
+        path = tmp_path / "vmlinux"
+        path.write_bytes(image)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return load_elf_vmlinux_file(memory, fd, source)
+        finally:
+            os.close(fd)
+    return from_file
+
+
+def test_segments_land_at_paddr_and_bss_is_zeroed(mem, load):
     text = bytes(range(256)) * 16  # 4 KiB
     data = b"DATA" * 256
     # Dirty the bss area first: the loader must zero it, not rely on fresh RAM.
     mem.write(0x120_1000 + len(data), b"\xff" * 0x3000)
     elf = make_elf([(0x100_0000, text, len(text)), (0x120_1000, data, len(data) + 0x3000)],
                    entry=0x100_0040, extra_phdrs=1)
-    loaded = load_elf_vmlinux(mem, elf, "vmlinux")
+    loaded = load(mem, elf, "vmlinux")
     assert loaded.entry == 0x100_0040
     assert loaded.kernel_start == 0x100_0000
     assert loaded.kernel_end == 0x120_1000 + len(data) + 0x3000
@@ -41,31 +60,31 @@ def test_segments_land_at_paddr_and_bss_is_zeroed(mem):
     assert mem.read(0x120_1000 + len(data) + 0x3000, 1) == b"\0"
 
 
-def test_segment_beyond_ram_rejected(mem):
+def test_segment_beyond_ram_rejected(mem, load):
     elf = make_elf([(0x100_0000, b"x" * 16, 16), (0x1F0_0000, b"y" * 16, 2 * MiB)],
                    entry=0x100_0000)
     with pytest.raises(ElfError, match=r"vm: segment 1 at physical 0x1f00000\+0x200000 does not "
                                        r"fit in guest RAM"):
-        load_elf_vmlinux(mem, elf, "vm")
+        load(mem, elf, "vm")
     assert mem.read(0x100_0000, 16) == bytes(16)  # nothing written on failure
 
 
-def test_segment_below_1mib_rejected(mem):
+def test_segment_below_1mib_rejected(mem, load):
     elf = make_elf([(0x8000, b"x" * 16, 16)], entry=0x8000)
     with pytest.raises(ElfError, match=r"below 1 MiB"):
-        load_elf_vmlinux(mem, elf)
+        load(mem, elf)
 
 
-def test_entry_outside_segments_rejected(mem):
+def test_entry_outside_segments_rejected(mem, load):
     elf = make_elf([(0x100_0000, b"x" * 16, 16)], entry=0xFFFF_FFFF_8100_0000)
     with pytest.raises(ElfError, match=r"entry point 0xffffffff81000000 is not inside"):
-        load_elf_vmlinux(mem, elf)
+        load(mem, elf)
 
 
-def test_overlapping_segments_rejected(mem):
+def test_overlapping_segments_rejected(mem, load):
     elf = make_elf([(0x100_0000, b"x" * 16, 0x2000), (0x100_1000, b"y", 1)], entry=0x100_0000)
     with pytest.raises(ElfError, match=r"overlap"):
-        load_elf_vmlinux(mem, elf)
+        load(mem, elf)
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -73,28 +92,28 @@ def test_overlapping_segments_rejected(mem):
     ({"ei_class": 1}, r"not a 64-bit ELF"),
     ({"e_type": 3}, r"not an executable"),
 ])
-def test_wrong_elf_kind_rejected(mem, kwargs, pattern):
+def test_wrong_elf_kind_rejected(mem, load, kwargs, pattern):
     elf = make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000, **kwargs)
     with pytest.raises(ElfError, match=pattern):
-        load_elf_vmlinux(mem, elf)
+        load(mem, elf)
 
 
-def test_program_headers_out_of_bounds(mem):
+def test_program_headers_out_of_bounds(mem, load):
     elf = bytearray(make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000))
     elf[56:58] = (5000).to_bytes(2, "little")  # e_phnum far past the file
     with pytest.raises(ElfError, match=r"truncated ELF: 5000 program headers"):
-        load_elf_vmlinux(mem, bytes(elf))
+        load(mem, bytes(elf))
 
 
-def test_segment_file_data_out_of_bounds(mem):
+def test_segment_file_data_out_of_bounds(mem, load):
     elf = make_elf([(0x100_0000, b"x" * 0x2000, 0x2000)], entry=0x100_0000)
     with pytest.raises(ElfError, match=r"segment 0 file data .* runs past the end"):
-        load_elf_vmlinux(mem, elf[:-0x100])
+        load(mem, elf[:-0x100])
 
 
-def test_truncated_elf_header(mem):
+def test_truncated_elf_header(mem, load):
     with pytest.raises(ElfError, match=r"truncated ELF"):
-        load_elf_vmlinux(mem, b"\x7fELF\x02\x01\x01")
+        load(mem, b"\x7fELF\x02\x01\x01")
 
 
 def test_detect_kernel_format():
@@ -119,3 +138,67 @@ def test_real_vmlinux_entry_is_physical_startup_64():
         assert loaded.entry < 1 << 32
     finally:
         memory.close()
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_VMLINUX), reason=f"{REAL_VMLINUX} not built yet")
+def test_the_file_loader_puts_the_real_vmlinux_where_the_bytes_loader_does():
+    with open(REAL_VMLINUX, "rb") as f:
+        data = f.read()
+    from_bytes = GuestMemory([(0, 128 * MiB)])
+    from_file = GuestMemory([(0, 128 * MiB)])
+    try:
+        expected = load_elf_vmlinux(from_bytes, data, "vmlinux")
+        with open(REAL_VMLINUX, "rb") as f:
+            loaded = load_elf_vmlinux_file(from_file, f.fileno(), "vmlinux")
+        assert loaded == expected
+        for seg in loaded.segments:
+            assert from_file.read(seg.paddr, seg.memsz) == from_bytes.read(seg.paddr, seg.memsz)
+    finally:
+        from_bytes.close()
+        from_file.close()
+
+
+def test_a_file_that_shrinks_while_it_loads_is_a_truncated_elf(mem, tmp_path, monkeypatch):
+    """fstat said the segment fits; the read then hits the end of the file (a kernel
+    rebuilt during the boot). The loader must not leave the segment half-read silently."""
+    elf = make_elf([(0x100_0000, b"x" * 0x3000, 0x3000)], entry=0x100_0000)
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf)
+    real_preadv = os.preadv
+    calls = []
+
+    def preadv_then_truncate(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) == 2:  # after the program headers: the file is cut short
+            os.truncate(path, offset + 0x1000)
+        return real_preadv(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", preadv_then_truncate)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ElfError, match=r"vmlinux: truncated ELF: the file ended at 0x[0-9a-f]+ while loading"):
+            load_elf_vmlinux_file(mem, fd, "vmlinux")
+    finally:
+        os.close(fd)
+
+
+def test_the_file_loader_reads_only_headers_into_host_memory(mem, tmp_path, monkeypatch):
+    """Segments go from the file to guest RAM with preadv into guest memory views;
+    pread is used for the ELF header alone."""
+    text = os.urandom(0x4000)
+    elf = make_elf([(0x100_0000, text, 0x4000)], entry=0x100_0000, extra_phdrs=2)
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf)
+    sizes = []
+    real_pread = os.pread
+
+    def recording_pread(fd, size, offset):
+        sizes.append(size)
+        return real_pread(fd, size, offset)
+    monkeypatch.setattr(os, "pread", recording_pread)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        load_elf_vmlinux_file(mem, fd, "vmlinux")
+    finally:
+        os.close(fd)
+    assert sizes == [64]
+    assert mem.read(0x100_0000, 0x4000) == text

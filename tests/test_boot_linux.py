@@ -70,6 +70,31 @@ def test_elf_boot_without_initrd(mem):
     assert mem.read(0x20000, 13) == b"console=hvc0\0"
 
 
+def test_an_elf_already_loaded_from_its_file_boots_like_its_bytes(mem, tmp_path):
+    """The VMM loads a vmlinux on a helper thread (load_elf_vmlinux_file) and hands
+    setup_linux_boot the LoadedElf: the boot it prepares is the same."""
+    from microvmm.boot import load_elf_vmlinux_file
+    text = os.urandom(0x2000)
+    elf = make_elf([(0x100_0000, text, 0x2000), (0x100_2000, b"d" * 16, 0x1000)], entry=0x100_0040)
+    initrd = b"070701" + os.urandom(5000)
+    expected = setup_linux_boot(mem, elf, "console=hvc0", initrd)
+    expected_ram = mem.read(0, 32 * MiB)
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf)
+    fresh = GuestMemory(guest_ram_layout(64 * MiB))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            loaded = load_elf_vmlinux_file(fresh, fd, "kernel")
+        finally:
+            os.close(fd)
+        info = setup_linux_boot(fresh, loaded, "console=hvc0", initrd)
+        assert info == expected
+        assert fresh.read(0, 32 * MiB) == expected_ram
+    finally:
+        fresh.close()
+
+
 def test_elf_cmdline_limit_is_2048(mem):
     elf = make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000)
     setup_linux_boot(mem, elf, "a" * 2048)

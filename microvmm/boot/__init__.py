@@ -19,6 +19,7 @@ _LAZY = {
     "parse_setup_header": "bzimage",
     "CpuidEntry": "cpuid", "vcpu_cpuid": "cpuid",
     "KernelFormat": "elf", "LoadedElf": "elf", "detect_kernel_format": "elf", "load_elf_vmlinux": "elf",
+    "load_elf_vmlinux_file": "elf",
     "BootInfo": "linux", "setup_linux_boot": "linux",
     "PciIrq": "mptable", "write_mptable": "mptable",
     "DescriptorTable": "paging", "LongModeState": "paging", "Segment": "paging",
@@ -50,6 +51,6 @@ __all__ = [
     "PayloadLocationError", "PayloadNotElfError", "PayloadTooLargeError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",
     "UnsupportedPayloadError", "build_setup_data_chain", "decompress_bzimage_payload",
     "detect_kernel_format",
-    "guest_ram_layout", "load_bzimage", "load_elf_vmlinux", "parse_setup_header",
+    "guest_ram_layout", "load_bzimage", "load_elf_vmlinux", "load_elf_vmlinux_file", "parse_setup_header",
     "setup_linux_boot", "vcpu_cpuid", "write_mptable",
 ]

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 from . import layout
 from .bzimage import SetupHeader, load_bzimage, parse_setup_header
-from .elf import KernelFormat, detect_kernel_format, load_elf_vmlinux
+from .elf import KernelFormat, LoadedElf, detect_kernel_format, load_elf_vmlinux
 from .errors import BootError, UnsupportedPayloadError
 from .mptable import DEFAULT_CPU_FEATURES, DEFAULT_CPU_SIGNATURE, PciIrq, write_mptable
 from .paging import LongModeState, setup_long_mode
-from .payload import decompress_bzimage_payload
 from .params import (RNG_SEED_SIZE, BootParams, E820Entry, SetupDataType, build_e820_map,
                      build_setup_data_chain, encode_cmdline, place_initrd, raw_setup_header,
                      synthesize_setup_header)
@@ -51,7 +50,7 @@ class BootInfo:
     payload_fallback_reason: str | None = None
 
 
-def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
+def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str | bytes,
                      initrd: bytes | memoryview | None = None, num_cpus: int = 1,
                      pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
                      kernel_source: str = "kernel",
@@ -62,7 +61,9 @@ def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
     """Load a bzImage or ELF vmlinux and write everything the 64-bit boot protocol needs.
 
     `mem` is a GuestMemory whose RAM starts at guest address 0 (see
-    layout.guest_ram_layout). `kernel_source` names the kernel file in errors.
+    layout.guest_ram_layout). `kernel` is the image's bytes, or the LoadedElf
+    of an ELF vmlinux already in `mem` (load_elf_vmlinux_file reads one there
+    straight from its file). `kernel_source` names the kernel file in errors.
     `rng_seed` (RNG_SEED_SIZE random bytes from the caller, which owns the
     randomness so that this stays a pure function) goes to the kernel as a
     SETUP_RNG_SEED record: a kernel that trusts its boot loader
@@ -82,13 +83,16 @@ def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
     """
     if not mem.contains(0, layout.HIGH_MEMORY_START):
         raise BootError("guest RAM must cover [0, 1 MiB) for the boot structures")
-    kernel_format = detect_kernel_format(kernel, kernel_source)
+    preloaded = kernel if isinstance(kernel, LoadedElf) else None
+    kernel_format = (KernelFormat.ELF if preloaded is not None
+                     else detect_kernel_format(kernel, kernel_source))
     payload_format: str | None = None
     payload_elf_size = 0
     payload_seconds = 0.0
     fallback_reason: str | None = None
     payload = None
     if kernel_format is KernelFormat.BZIMAGE and bzimage_payload_as_elf:
+        from .payload import decompress_bzimage_payload  # deferred: bzImages on emulating hosts only
         started = time.perf_counter()
         try:
             payload = decompress_bzimage_payload(kernel, kernel_source)
@@ -107,7 +111,7 @@ def setup_linux_boot(mem, kernel: bytes | memoryview, cmdline: str | bytes,
         header, raw_header = loaded.header, raw_setup_header(kernel)
         entry, load_addr, kernel_end = loaded.entry, loaded.load_addr, loaded.kernel_end
     else:
-        elf = load_elf_vmlinux(mem, kernel, kernel_source)
+        elf = preloaded if preloaded is not None else load_elf_vmlinux(mem, kernel, kernel_source)
         header, raw_header = synthesize_setup_header(), b""
         entry, load_addr, kernel_end = elf.entry, elf.kernel_start, elf.kernel_end
 
