@@ -31,6 +31,7 @@ from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner
 from microvmm.vmconfig import VmConfig
 
 if TYPE_CHECKING:
+    from microvmm.boot.elf import LoadedElf
     from microvmm.diag.symbols import SymbolMap
 
 logger = logging.getLogger(__name__)
@@ -131,12 +132,13 @@ class Vmm:
     # -- lifecycle ------------------------------------------------------------
 
     def run(self) -> VmOutcome:
-        # The VM and guest RAM are created, and the images (a vmlinux is ~15 MB)
-        # read, on helper threads while this one imports the boot loaders:
-        # ioctl(), mmap() and read() drop the GIL.
-        self._vm_setup = _VmSetup(self.config.mem_size)
+        # The VM is created, guest RAM registered, and the kernel (a vmlinux is
+        # ~15 MB) read into guest RAM, on helper threads while this one imports
+        # the boot loaders: ioctl() and preadv() drop the GIL.
         try:
-            self._images = _ImageReader(self.config.kernel, self.config.initrd)
+            self.memory = memory = self._create_guest_memory()
+            self._vm_setup = _VmSetup(memory)
+            self._images = _ImageReader(self.config.kernel, self.config.initrd, memory)
             kind, reason = detect_host_kind()
             quirks = host_quirks(kind, reason, self.config.host_workarounds)
             self.quirks = quirks
@@ -237,21 +239,23 @@ class Vmm:
 
         # Built by _VmSetup meanwhile; its errors surface here, where they
         # always did.
-        self.kvm, self.vm, self.memory = kvm, vm, memory = self._vm_setup.take()
-        self._closers.extend((kvm.close, vm.close, memory.close))
+        self.kvm, self.vm = kvm, vm = self._vm_setup.take()
+        self._closers.extend((kvm.close, vm.close))
+        memory = self.memory
 
         # Host resources named by the user fail here, before the guest runs.
         self._serial_sink = self._open_serial_sink()
         self._port_backends = self._open_port_backends()
 
-        kernel_bytes, initrd_bytes = self._images.take()
+        # An ELF vmlinux is in guest RAM already (a LoadedElf); a bzImage comes as bytes.
+        kernel, initrd_bytes = self._images.take()
         # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
         # is ready at once (a kernel that trusts its boot loader).
-        boot = setup_linux_boot(memory, kernel_bytes, cmdline, initrd_bytes,
+        boot = setup_linux_boot(memory, kernel, cmdline, initrd_bytes,
                                 num_cpus=config.cpus, pci_irqs=self._planned_pci_irqs(),
                                 rng_seed=os.urandom(RNG_SEED_SIZE),
                                 bzimage_payload_as_elf=quirks.decompress_bzimage_on_host)
-        del kernel_bytes, initrd_bytes  # in guest RAM now; their pages go back
+        del kernel, initrd_bytes  # in guest RAM now; their pages go back
         self.boot = boot
         self._announce_payload_workaround(boot)
         supported = kvm.get_supported_cpuid()
@@ -267,6 +271,18 @@ class Vmm:
             runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
                                 on_stop=self._vcpu_stopped, gate=gate)
             self.runners.append(runner)
+
+    def _create_guest_memory(self) -> GuestMemory:
+        """Guest RAM, mapped here (registering it with KVM is _VmSetup's job) so
+        that the kernel can be read into it while the VM is being created."""
+        layout = guest_ram_layout(self.config.mem_size)
+        try:
+            memory = GuestMemory(layout)
+        except OSError as err:
+            raise VmmError(f"cannot map {self.config.mem_size >> 20} MiB of guest RAM: "
+                           f"{err.strerror}") from err
+        self._closers.append(memory.close)  # after the helper threads are joined (_teardown)
+        return memory
 
     def _planned_pci_irqs(self) -> list:
         """The MP table's PCI interrupt routing, from the configuration alone (the
@@ -869,15 +885,17 @@ class _HelperThread(Generic[T]):
             self._dispose(result)
 
 
-class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
-    """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and its
-    registered guest RAM on a helper thread, started as the run begins.
+class _VmSetup(_HelperThread["tuple[Kvm, Vm]"]):
+    """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and
+    registers the guest RAM it is given, on a helper thread started as the
+    run begins.
 
-    Registering guest RAM alone takes ~5 ms of ioctl time, which the GIL does
-    not cover: the main thread imports the boot loaders meanwhile. take() hands
-    over (kvm, vm, memory), or raises the very error the setup met
-    (KvmUnavailableError, KvmError, VmmError...), after the thread closed
-    whatever it had built. close() closes what take() did not hand over.
+    Registering guest RAM alone takes ~8 ms of ioctl time on this project's
+    emulating host, which the GIL does not cover: the main thread imports the
+    boot loaders meanwhile. take() hands over (kvm, vm), or raises the very
+    error the setup met (KvmUnavailableError, KvmError, VmmError...), after the
+    thread closed whatever it had built. close() closes what take() did not
+    hand over. The guest RAM stays the caller's.
     """
 
     #: The GIL switch interval while the setup runs. The thread takes the GIL
@@ -886,8 +904,8 @@ class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
     #: took 17 ms instead of 6).
     SWITCH_INTERVAL = 0.0005
 
-    def __init__(self, mem_size: int):
-        self._mem_size = mem_size
+    def __init__(self, memory: GuestMemory):
+        self._memory = memory
         self._previous_switch_interval: float | None = sys.getswitchinterval()
         sys.setswitchinterval(min(self._previous_switch_interval, self.SWITCH_INTERVAL))
         super().__init__("microvmm-vm-setup")
@@ -898,7 +916,7 @@ class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
         if previous is not None:
             sys.setswitchinterval(previous)
 
-    def _work(self) -> tuple[Kvm, Vm, GuestMemory]:
+    def _work(self) -> tuple[Kvm, Vm]:
         closers = []
         try:
             kvm = Kvm()
@@ -912,11 +930,9 @@ class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
             vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
             vm.create_irqchip()
             vm.create_pit2(flags=0)
-            memory = GuestMemory(guest_ram_layout(self._mem_size))
-            closers.append(memory.close)
-            for slot, region in enumerate(memory.regions):
+            for slot, region in enumerate(self._memory.regions):
                 vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
-            return kvm, vm, memory
+            return kvm, vm
         except BaseException:
             for close in reversed(closers):
                 try:
@@ -925,28 +941,50 @@ class _VmSetup(_HelperThread["tuple[Kvm, Vm, GuestMemory]"]):
                     logger.debug("VM setup cleanup: %s", close_err)
             raise
 
-    def _dispose(self, result: tuple[Kvm, Vm, GuestMemory]) -> None:
-        kvm, vm, memory = result
-        memory.close()
+    def _dispose(self, result: tuple[Kvm, Vm]) -> None:
+        kvm, vm = result
         vm.close()
         kvm.close()
 
 
-class _ImageReader(_HelperThread["tuple[bytes, bytes | None]"]):
-    """Reads the kernel and initrd on a helper thread, started before the VM is built.
+class _ImageReader(_HelperThread["tuple[LoadedElf | bytes, bytes | None]"]):
+    """Loads the kernel and reads the initrd on a helper thread, started before
+    the VM is built.
 
-    take() returns (kernel, initrd or None), or raises the VmmError a failed
-    read gave. It keeps no reference: once loaded into guest RAM the bytes are
-    garbage (a vmlinux is ~17 MB of the VMM's resident memory otherwise).
+    An ELF vmlinux is read segment by segment straight into guest RAM
+    (load_elf_vmlinux_file: preadv() without the GIL, no ~15 MB copy in host
+    memory); take() then returns its LoadedElf. A bzImage is returned as
+    bytes: the boot loader parses (and may decompress) it. The initrd comes as
+    bytes or None. Failures surface from take() as the VmmError (unreadable
+    file) or BootError (bad ELF) they were. It keeps no reference to what
+    take() handed over (a bzImage's bytes are garbage once in guest RAM).
     """
 
-    def __init__(self, kernel: Path, initrd: Path | None):
+    def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory):
         self._paths = (kernel, initrd)
+        self._memory = memory
         super().__init__("microvmm-images")
 
-    def _work(self) -> tuple[bytes, bytes | None]:
+    def _work(self) -> tuple[LoadedElf | bytes, bytes | None]:
         kernel, initrd = self._paths
-        return _read_file(kernel, "kernel"), _read_file(initrd, "initrd") if initrd else None
+        return _load_kernel(kernel, self._memory), _read_file(initrd, "initrd") if initrd else None
+
+
+def _load_kernel(path: Path, memory: GuestMemory) -> LoadedElf | bytes:
+    """An ELF vmlinux loaded into `memory`, else the kernel file's bytes."""
+    from microvmm.boot.elf import ELF_MAGIC, load_elf_vmlinux_file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
+    try:
+        if os.pread(fd, len(ELF_MAGIC), 0) == ELF_MAGIC:
+            return load_elf_vmlinux_file(memory, fd, "kernel")
+    except OSError as err:
+        raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    return _read_file(path, "kernel")
 
 
 def run_vm(config: VmConfig) -> int:

@@ -1,6 +1,7 @@
-"""The VM is created on a helper thread while the main thread imports the boot
-loaders (issue 6): what it hands over, and that a failure anywhere in it
-surfaces as the same error, with nothing left open and no thread left running.
+"""The VM is created, and the kernel loaded into guest RAM, on helper threads
+while the main thread imports the boot loaders (issue 6): what they hand over,
+and that a failure anywhere in them surfaces as the same error, with nothing
+left open and no thread left running.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ import sys
 import pytest
 
 import microvmm.vmm as vmm
+from boot_testimages import make_bzimage, make_elf
+from microvmm.boot import guest_ram_layout
+from microvmm.boot.elf import LoadedElf
+from microvmm.boot.errors import ElfError
 from microvmm.exitcodes import ExitCode
 from microvmm.kvm import Kvm, KvmError, KvmUnavailableError
+from microvmm.memory import GuestMemory
 from microvmm.vmconfig import VmConfig
 from tests.e2e_support import IMAGES
 
@@ -24,40 +30,49 @@ def _open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+@pytest.fixture
+def memory():
+    ram = GuestMemory(guest_ram_layout(MEM))
+    yield ram
+    ram.close()
+
+
 @needs_kvm
-def test_take_hands_over_the_vm_with_its_registered_guest_ram():
+def test_take_hands_over_the_vm_with_its_registered_guest_ram(memory):
     before = sys.getswitchinterval()
-    setup = vmm._VmSetup(MEM)
-    kvm, vm, memory = setup.take()
+    setup = vmm._VmSetup(memory)
+    kvm, vm = setup.take()
     try:
         assert not setup._thread.is_alive()
         assert sys.getswitchinterval() == before
-        assert memory.size == MEM
         assert vm.fileno() >= 0 and kvm.fileno() >= 0
         vcpu = vm.create_vcpu(0)  # the irqchip exists: a vCPU gets its LAPIC
         vcpu.close()
+        # The RAM is registered: another slot over the same guest range is refused (EEXIST).
+        region = memory.regions[0]
+        with pytest.raises(KvmError, match="File exists"):
+            vm.set_user_memory_region(len(memory.regions), region.guest_addr, region.size, region.host_addr)
         with pytest.raises(RuntimeError, match="twice"):
             setup.take()
         setup.close()  # nothing left to close: it handed everything over
         assert vm.fileno() >= 0
     finally:
-        memory.close()
         vm.close()
         kvm.close()
 
 
 @needs_kvm
-def test_close_without_take_closes_everything():
+def test_close_without_take_closes_everything(memory):
     fds = _open_fds()
-    setup = vmm._VmSetup(MEM)
+    setup = vmm._VmSetup(memory)
     setup.close()
     assert not setup._thread.is_alive()
     assert _open_fds() == fds
 
 
 @needs_kvm
-@pytest.mark.parametrize("fail_in", ["Kvm", "create_irqchip", "GuestMemory", "set_user_memory_region"])
-def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeypatch, fail_in):
+@pytest.mark.parametrize("fail_in", ["Kvm", "create_irqchip", "set_user_memory_region"])
+def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeypatch, memory, fail_in):
     error = KvmError("KVM_TEST", 5, f"injected in {fail_in}")
     opened = []
 
@@ -66,8 +81,6 @@ def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeyp
 
     if fail_in == "Kvm":
         monkeypatch.setattr(vmm, "Kvm", failing)
-    elif fail_in == "GuestMemory":
-        monkeypatch.setattr(vmm, "GuestMemory", failing)
     else:
         monkeypatch.setattr(vmm.Vm, fail_in, failing)
     real_kvm = vmm.Kvm
@@ -80,7 +93,7 @@ def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeyp
         monkeypatch.setattr(vmm, "Kvm", recording_kvm)
     fds = _open_fds()
     before = sys.getswitchinterval()
-    setup = vmm._VmSetup(MEM)
+    setup = vmm._VmSetup(memory)
     with pytest.raises(KvmError) as info:
         setup.take()
     assert info.value is error
@@ -106,3 +119,51 @@ def test_no_dev_kvm_gives_the_same_error_and_exit_status_as_before(monkeypatch, 
     assert status == ExitCode.VMM_ERROR
     assert f"microvmm: error: {expected}" in capsys.readouterr().err
     assert _open_fds() <= fds, "a failed run left file descriptors open"
+
+
+def _read_kernel(tmp_path, image: bytes, memory: GuestMemory, initrd: bytes | None = None):
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(image)
+    initrd_path = None
+    if initrd is not None:
+        initrd_path = tmp_path / "initrd"
+        initrd_path.write_bytes(initrd)
+    reader = vmm._ImageReader(kernel, initrd_path, memory)
+    try:
+        return reader.take()
+    finally:
+        reader.close()
+        assert not reader._thread.is_alive()
+
+
+def test_the_image_reader_loads_an_elf_vmlinux_into_guest_ram(tmp_path, memory):
+    text = os.urandom(0x3000)
+    kernel, initrd = _read_kernel(tmp_path, make_elf([(0x100_0000, text, 0x3000)], entry=0x100_0000),
+                                  memory, initrd=b"070701rest")
+    assert isinstance(kernel, LoadedElf)
+    assert kernel.entry == 0x100_0000
+    assert memory.read(0x100_0000, 0x3000) == text
+    assert initrd == b"070701rest"
+
+
+def test_the_image_reader_hands_a_bzimage_over_as_bytes(tmp_path, memory):
+    image = make_bzimage()
+    kernel, initrd = _read_kernel(tmp_path, image, memory)
+    assert kernel == image and initrd is None
+    assert memory.read(0x100_0000, 64) == bytes(64)  # the boot loader places it, not the reader
+
+
+def test_a_bad_elf_is_raised_by_take_as_the_boot_error_it_is(tmp_path, memory):
+    elf = make_elf([(0x8000, b"x", 1)], entry=0x8000)  # below 1 MiB
+    fds = _open_fds()
+    with pytest.raises(ElfError, match=r"kernel: segment 0 at physical 0x8000 is below 1 MiB"):
+        _read_kernel(tmp_path, elf, memory)
+    assert _open_fds() == fds, "the reader left the kernel file open"
+
+
+def test_an_unreadable_kernel_is_a_vmm_error_naming_it(tmp_path, memory):
+    missing = tmp_path / "no-such-vmlinux"
+    reader = vmm._ImageReader(missing, None, memory)
+    with pytest.raises(vmm.VmmError, match=rf"cannot read kernel {missing}: No such file or directory"):
+        reader.take()
+    reader.close()
