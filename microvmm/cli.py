@@ -154,7 +154,6 @@ def _config_from_args(args: argparse.Namespace):
     from microvmm.boot.layout import MemoryLayoutError, guest_ram_layout
     from microvmm.run_monitor import FailureLevel
     from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
-    from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
 
     images = default_images_dir()
     kernel = Path(args.kernel) if args.kernel else images / "vmlinux"
@@ -198,14 +197,7 @@ def _config_from_args(args: argparse.Namespace):
         serial = SerialConfig.parse(args.serial)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    try:
-        ports = [parse_port_spec(spec) for spec in args.console]
-        for option in args.device:
-            ports.extend(parse_device_option(option))
-        if ports:
-            validate_ports(ports)
-    except PortSpecError as err:
-        raise UsageError(str(err)) from None
+    ports = _ports_from_args(args)
     if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
                          "use --serial off or --serial file:PATH")
@@ -239,6 +231,22 @@ def _config_from_args(args: argparse.Namespace):
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
         stats=args.stats, seccomp=args.seccomp,
     )
+
+
+def _ports_from_args(args: argparse.Namespace) -> list:
+    """The console ports of --console and --device, checked together."""
+    if not args.console and not args.device:
+        return []  # the port parser stays unimported: start-up time (issue 6)
+    from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
+    try:
+        ports = [parse_port_spec(spec) for spec in args.console]
+        for option in args.device:
+            ports.extend(parse_device_option(option))
+        if ports:
+            validate_ports(ports)
+    except PortSpecError as err:
+        raise UsageError(str(err)) from None
+    return ports
 
 
 def main(argv: list[str] | None = None) -> int:
