@@ -39,6 +39,8 @@ NOT_AT_STARTUP = (
     "shlex",                            # quoting a `-- CMD` for the kernel command line
     "microvmm.terminal",                # raw mode and Ctrl-A escapes: serial input, console ports
     "termios",
+    "microvmm.kvm.events",              # vCPU events: #BP injection and diagnostics of a running guest
+    "microvmm.boot.payload",            # a bzImage's payload decoders: bzImage boots only
 )
 
 #: The modules the CLI and the VMM import to get to the first KVM_RUN.
@@ -82,6 +84,17 @@ def test_the_boot_package_still_exports_every_name_from_its_submodules():
         boot.no_such_name  # noqa: B018
     from microvmm.boot import setup_linux_boot  # the from-import form
     assert setup_linux_boot.__module__ == "microvmm.boot.linux"
+
+
+def test_the_kvm_package_still_exports_every_name():
+    import microvmm.kvm as kvm
+    for name in kvm.__all__:
+        assert getattr(kvm, name) is not None
+    assert set(kvm.__all__) <= set(dir(kvm))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        kvm.no_such_name  # noqa: B018
+    from microvmm.kvm import VcpuEvents  # the from-import form
+    assert VcpuEvents.__module__ == "microvmm.kvm.events"
 
 
 def test_the_cli_alone_does_not_import_the_vmm():

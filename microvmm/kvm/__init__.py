@@ -23,19 +23,7 @@ from microvmm.kvm.constants import (
     VcpuEventValid,
 )
 from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError
-from microvmm.kvm.state import (
-    CpuidEntry,
-    DTable,
-    ExceptionEvent,
-    Fpu,
-    InterruptEvent,
-    NmiEvent,
-    Regs,
-    Segment,
-    SmiEvent,
-    Sregs,
-    VcpuEvents,
-)
+from microvmm.kvm.state import CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 from microvmm.kvm.system import Kvm
 from microvmm.kvm.vcpu import (
     DebugExit,
@@ -48,6 +36,23 @@ from microvmm.kvm.vcpu import (
     Vcpu,
 )
 from microvmm.kvm.vm import IrqchipRoute, MsiRoute, Vm
+
+#: Loaded on first use (PEP 562): no guest needs them before it runs (issue 6).
+_EVENT_NAMES = ("ExceptionEvent", "InterruptEvent", "NmiEvent", "SmiEvent", "VcpuEvents")
+
+
+def __getattr__(name: str):
+    if name not in _EVENT_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from microvmm.kvm import events
+    value = getattr(events, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EVENT_NAMES))
+
 
 __all__ = [
     "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY",

@@ -2,6 +2,8 @@
 
 Conversions copy fields by name from precomputed tuples: a get_regs() plus
 conversion costs a few microseconds, fine for a ~100 Hz sampling profiler.
+Pending events (struct kvm_vcpu_events) live in kvm/events.py: nothing needs
+them before a guest runs, and each dataclass costs start-up time to create.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from microvmm.kvm._ffi import ffi
 
 
-def _names(cls) -> tuple[str, ...]:
+def field_names(cls) -> tuple[str, ...]:
+    """A dataclass's field names in order (for by-name struct copies)."""
     return tuple(f.name for f in fields(cls))
 
 
@@ -47,7 +50,7 @@ class Regs:
             setattr(c, n, getattr(self, n))
 
 
-_REGS_NAMES = _names(Regs)
+_REGS_NAMES = field_names(Regs)
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Segment:
         c.padding = 0
 
 
-_SEGMENT_NAMES = _names(Segment)
+_SEGMENT_NAMES = field_names(Segment)
 
 
 @dataclass
@@ -207,92 +210,3 @@ class CpuidEntry:
         c.ebx = self.ebx
         c.ecx = self.ecx
         c.edx = self.edx
-
-
-@dataclass
-class ExceptionEvent:
-    """kvm_vcpu_events.exception."""
-
-    injected: int = 0
-    nr: int = 0
-    has_error_code: int = 0
-    pending: int = 0
-    error_code: int = 0
-
-
-@dataclass
-class InterruptEvent:
-    """kvm_vcpu_events.interrupt."""
-
-    injected: int = 0
-    nr: int = 0
-    soft: int = 0
-    shadow: int = 0
-
-
-@dataclass
-class NmiEvent:
-    """kvm_vcpu_events.nmi."""
-
-    injected: int = 0
-    pending: int = 0
-    masked: int = 0
-
-
-@dataclass
-class SmiEvent:
-    """kvm_vcpu_events.smi."""
-
-    smm: int = 0
-    pending: int = 0
-    smm_inside_nmi: int = 0
-    latched_init: int = 0
-
-
-# (kvm_vcpu_events member, dataclass, its field names)
-_EVENT_PARTS = tuple(
-    (name, cls, _names(cls))
-    for name, cls in (("exception", ExceptionEvent), ("interrupt", InterruptEvent),
-                      ("nmi", NmiEvent), ("smi", SmiEvent)))
-
-
-@dataclass
-class VcpuEvents:
-    """Pending/injected exceptions, interrupts, NMI and SMI (struct kvm_vcpu_events).
-
-    ``flags`` (VcpuEventValid) says which optional parts KVM_SET_VCPU_EVENTS
-    should apply; get + modify + set keeps the kernel's own flags.
-    """
-
-    exception: ExceptionEvent = field(default_factory=ExceptionEvent)
-    interrupt: InterruptEvent = field(default_factory=InterruptEvent)
-    nmi: NmiEvent = field(default_factory=NmiEvent)
-    sipi_vector: int = 0
-    flags: int = 0
-    smi: SmiEvent = field(default_factory=SmiEvent)
-    triple_fault_pending: int = 0
-    exception_has_payload: int = 0
-    exception_payload: int = 0
-
-    @classmethod
-    def from_c(cls, c) -> "VcpuEvents":
-        parts = {}
-        for name, part_cls, part_fields in _EVENT_PARTS:
-            src = getattr(c, name)
-            parts[name] = part_cls(*[getattr(src, f) for f in part_fields])
-        return cls(sipi_vector=c.sipi_vector, flags=c.flags,
-                   triple_fault_pending=c.triple_fault.pending,
-                   exception_has_payload=c.exception_has_payload,
-                   exception_payload=c.exception_payload, **parts)
-
-    def to_c(self, c) -> None:
-        for name, _part_cls, part_fields in _EVENT_PARTS:
-            dst = getattr(c, name)
-            src = getattr(self, name)
-            for f in part_fields:
-                setattr(dst, f, getattr(src, f))
-        c.sipi_vector = self.sipi_vector
-        c.flags = self.flags
-        c.triple_fault.pending = self.triple_fault_pending
-        c.exception_has_payload = self.exception_has_payload
-        c.exception_payload = self.exception_payload

@@ -7,7 +7,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from microvmm.kvm._ffi import ffi, libc
 from microvmm.kvm._ioctl import ioctl
@@ -18,7 +18,10 @@ from microvmm.kvm.constants import (
     MpState,
 )
 from microvmm.kvm.errors import KvmError, KvmExitDataError
-from microvmm.kvm.state import CpuidEntry, ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents
+from microvmm.kvm.state import CpuidEntry, Fpu, Regs, Sregs
+
+if TYPE_CHECKING:
+    from microvmm.kvm.events import VcpuEvents
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +282,7 @@ class Vcpu:
                            f"= {items[done][1]:#x} rejected")
 
     def get_vcpu_events(self) -> VcpuEvents:
+        from microvmm.kvm.events import VcpuEvents  # deferred: start-up time (issue 6)
         c = ffi.new("struct kvm_vcpu_events *")
         ioctl(self.fileno(), Ioctl.KVM_GET_VCPU_EVENTS, c)
         return VcpuEvents.from_c(c)
@@ -296,6 +300,7 @@ class Vcpu:
             raise ValueError(f"exception vector {vector} is not 0..31")
         if error_code is not None and not 0 <= error_code <= 0xFFFF_FFFF:
             raise ValueError(f"error code {error_code:#x} does not fit in 32 bits")
+        from microvmm.kvm.events import ExceptionEvent
         events = self.get_vcpu_events()
         events.exception = ExceptionEvent(
             injected=1, nr=vector, has_error_code=int(error_code is not None),
