@@ -15,6 +15,7 @@ import enum
 import logging
 import struct
 from dataclasses import astuple, dataclass, fields, replace
+from typing import NamedTuple
 
 from . import layout
 from .errors import BzImageError
@@ -231,8 +232,7 @@ def parse_setup_header(image: bytes | memoryview, source: str = "bzImage") -> Se
     return header
 
 
-@dataclass(frozen=True)
-class LoadedBzImage:
+class LoadedBzImage(NamedTuple):  # a result record: see boot/elf.py's ElfSegment
     """Where a bzImage's protected-mode kernel was put, and its header for boot_params."""
 
     header: SetupHeader

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import layout
 from .bzimage import SetupHeader, load_bzimage, parse_setup_header
@@ -22,9 +22,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
 
 
-@dataclass(frozen=True)
-class BootInfo:
-    """What setup_linux_boot did: where everything went and how the BSP must start."""
+class BootInfo(NamedTuple):
+    """What setup_linux_boot did: where everything went and how the BSP must start.
+
+    A NamedTuple, not a frozen dataclass, for start-up time (see boot/elf.py's
+    ElfSegment)."""
 
     kernel_format: KernelFormat
     entry: int

@@ -235,8 +235,8 @@ def write_identity_page_tables(mem, ram_end: int) -> int:
         pd_addr = layout.PD_ADDR + pd_index * layout.PAGE_SIZE
         mem.write_u64(layout.PDPT_ADDR + pd_index * 8, pd_addr | int(table_flags))
         base = pd_index * layout.GiB
-        entries = [(base + i * PAGE_2M) | int(table_flags | PageFlag.PAGE_SIZE)
-                   for i in range(ENTRIES_PER_TABLE)]
+        large_page = int(table_flags | PageFlag.PAGE_SIZE)  # once: IntFlag arithmetic is slow
+        entries = [(base + i * PAGE_2M) | large_page for i in range(ENTRIES_PER_TABLE)]
         mem.write(pd_addr, struct.pack(f"<{ENTRIES_PER_TABLE}Q", *entries))
     logger.debug("identity map of %d GiB with 2 MiB pages, CR3 %#x", num_pds, layout.PML4_ADDR)
     return layout.PML4_ADDR
