@@ -284,8 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"microvmm: error: {err}", file=sys.stderr)
         return ExitCode.USAGE
-    from microvmm.vmm import run_vm  # deferred: the VMM pulls in cffi and the devices
-    return run_vm(config)
+    # Guest RAM, the VM and the kernel are made on helper threads while the
+    # VMM's modules (cffi, the devices, the boot loaders) are imported: their
+    # ioctls and reads overlap the imports (start-up time, issue 6).
+    from microvmm.vmprep import VmmError, VmPreparation
+    try:
+        preparation = VmPreparation(config)
+    except VmmError:
+        preparation = None  # run_vm meets the same error and reports it the usual way
+    try:
+        from microvmm.vmm import run_vm
+    except BaseException:
+        if preparation is not None:
+            preparation.close()
+        raise
+    return run_vm(config, preparation)
 
 
 if __name__ == "__main__":

@@ -18,24 +18,19 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
-from microvmm.boot.layout import guest_ram_layout
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
-from microvmm.kvm import Cap, Kvm, Vm
-from microvmm.memory import GuestMemory
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
+from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
-    from microvmm.boot.elf import LoadedElf
     from microvmm.diag.symbols import SymbolMap
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 # Where the virtio-console function sits, and the INTx routing the PCI bus gives
@@ -44,17 +39,11 @@ COM1_BASE, COM1_IRQ = 0x3F8, 4
 CONSOLE_PCI_SLOT = 1
 PCI_INTA = 1
 FIRST_PCI_INTX_GSI = 16
-TSS_ADDRESS = 0xFFFBD000
-IDENTITY_MAP_ADDRESS = 0xFFFBC000
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
 #: Set to "1" to stop right at the first KVM_RUN (startup benchmark; see _exit_at_first_run).
 EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
-
-
-class VmmError(Exception):
-    """Setting up or running the VM failed on the host side."""
 
 
 @dataclass
@@ -131,14 +120,15 @@ class Vmm:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def run(self) -> VmOutcome:
-        # The VM is created, guest RAM registered, and the kernel (a vmlinux is
-        # ~15 MB) read into guest RAM, on helper threads while this one imports
-        # the boot loaders: ioctl() and preadv() drop the GIL.
+    def run(self, preparation: VmPreparation | None = None) -> VmOutcome:
+        """Run the VM to its end. `preparation` (VmPreparation(config), started
+        as early as the caller could) is the guest RAM, VM and kernel being
+        made on helper threads; the run owns it from here and closes it."""
+        self._preparation = preparation
         try:
-            self.memory = memory = self._create_guest_memory()
-            self._vm_setup = _VmSetup(memory)
-            self._images = _ImageReader(self.config.kernel, self.config.initrd, memory)
+            if preparation is None:
+                self._preparation = preparation = VmPreparation(self.config)
+            self.memory = preparation.memory
             kind, reason = detect_host_kind()
             quirks = host_quirks(kind, reason, self.config.host_workarounds)
             self.quirks = quirks
@@ -237,9 +227,10 @@ class Vmm:
         cmdline = merge_cmdline(config.cmdline, additions)
         self.cmdline = cmdline
 
-        # Built by _VmSetup meanwhile; its errors surface here, where they
-        # always did.
-        self.kvm, self.vm = kvm, vm = self._vm_setup.take()
+        # Built by the preparation's helper threads meanwhile; their errors
+        # surface here, where they always did.
+        kvm, vm, supported = self._preparation.take_vm()  # supported: KVM's CPUID leaves
+        self.kvm, self.vm = kvm, vm
         self._closers.extend((kvm.close, vm.close))
         memory = self.memory
 
@@ -248,7 +239,7 @@ class Vmm:
         self._port_backends = self._open_port_backends()
 
         # An ELF vmlinux is in guest RAM already (a LoadedElf); a bzImage comes as bytes.
-        kernel, initrd_bytes = self._images.take()
+        kernel, initrd_bytes = self._preparation.take_images()
         # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
         # is ready at once (a kernel that trusts its boot loader).
         boot = setup_linux_boot(memory, kernel, cmdline, initrd_bytes,
@@ -258,7 +249,6 @@ class Vmm:
         del kernel, initrd_bytes  # in guest RAM now; their pages go back
         self.boot = boot
         self._announce_payload_workaround(boot)
-        supported = kvm.get_supported_cpuid()
         self._gate = gate = DeviceGate()
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
@@ -271,18 +261,6 @@ class Vmm:
             runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
                                 on_stop=self._vcpu_stopped, gate=gate)
             self.runners.append(runner)
-
-    def _create_guest_memory(self) -> GuestMemory:
-        """Guest RAM, mapped here (registering it with KVM is _VmSetup's job) so
-        that the kernel can be read into it while the VM is being created."""
-        layout = guest_ram_layout(self.config.mem_size)
-        try:
-            memory = GuestMemory(layout)
-        except OSError as err:
-            raise VmmError(f"cannot map {self.config.mem_size >> 20} MiB of guest RAM: "
-                           f"{err.strerror}") from err
-        self._closers.append(memory.close)  # after the helper threads are joined (_teardown)
-        return memory
 
     def _planned_pci_irqs(self) -> list:
         """The MP table's PCI interrupt routing, from the configuration alone (the
@@ -547,18 +525,18 @@ class Vmm:
             self._raw_terminal.restore()
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(signum, handler)
-        setup = getattr(self, "_vm_setup", None)
-        if setup is not None:
-            setup.close()  # a failure before _build_vm took the VM
-        images = getattr(self, "_images", None)
-        if images is not None:
-            images.close()  # no reader thread outlives the run
         for close in reversed(self._closers):
             try:
                 close()
             except Exception as err:  # keep closing the rest
                 logger.debug("teardown: %s", err)
         self._closers.clear()
+        preparation, self._preparation = getattr(self, "_preparation", None), None
+        if preparation is not None:
+            # Joins its helper threads, closes what _build_vm never took (a
+            # failure before), then unmaps guest RAM: after every device and
+            # vCPU that used it is gone.
+            preparation.close()
         sink = getattr(self, "_serial_sink", None)
         if sink:
             sink.close()
@@ -830,172 +808,22 @@ def parse_command_status(data: bytes) -> int | None:
     return int(text) & 0xFF if text.isdigit() else None
 
 
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise VmmError(f"cannot read {what} {path}: {err.strerror}") from err
+def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
+    """Run a VM to its end; print the summary (and report) on stderr, write results files.
 
-
-class _HelperThread(Generic[T]):
-    """Runs `_work()` on a daemon thread started at construction: its reads,
-    mmap()s and ioctl()s drop the GIL, so the main thread's imports overlap them.
-
-    take() waits and hands the result over (once: no reference stays here), or
-    raises the very exception `_work()` met. close() waits too and passes a
-    result that was never taken to `_dispose()` (a run that failed before
-    needing it), so no helper thread or resource outlives the run.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._result: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _work(self) -> T:
-        raise NotImplementedError
-
-    def _dispose(self, result: T) -> None:
-        """Release a result that take() never handed over."""
-
-    def _run(self) -> None:
-        try:
-            self._result = self._work()
-        except BaseException as err:  # handed to the main thread by take()
-            self._error = err
-
-    def _join(self) -> None:
-        self._thread.join()
-
-    def take(self) -> T:
-        self._join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        result, self._result = self._result, None
-        if result is None:
-            raise RuntimeError(f"{type(self).__name__}.take() called twice")
-        return result
-
-    def close(self) -> None:
-        self._join()
-        result, self._result = self._result, None
-        if result is not None:
-            self._dispose(result)
-
-
-class _VmSetup(_HelperThread["tuple[Kvm, Vm]"]):
-    """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and
-    registers the guest RAM it is given, on a helper thread started as the
-    run begins.
-
-    Registering guest RAM alone takes ~8 ms of ioctl time on this project's
-    emulating host, which the GIL does not cover: the main thread imports the
-    boot loaders meanwhile. take() hands over (kvm, vm), or raises the very
-    error the setup met (KvmUnavailableError, KvmError, VmmError...), after the
-    thread closed whatever it had built. close() closes what take() did not
-    hand over. The guest RAM stays the caller's.
-    """
-
-    #: The GIL switch interval while the setup runs. The thread takes the GIL
-    #: back after each of its ~10 ioctls; at Python's default 5 ms it waits that
-    #: long behind the importing main thread every time (measured: the setup
-    #: took 17 ms instead of 6).
-    SWITCH_INTERVAL = 0.0005
-
-    def __init__(self, memory: GuestMemory):
-        self._memory = memory
-        self._previous_switch_interval: float | None = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._previous_switch_interval, self.SWITCH_INTERVAL))
-        super().__init__("microvmm-vm-setup")
-
-    def _join(self) -> None:
-        super()._join()
-        previous, self._previous_switch_interval = self._previous_switch_interval, None
-        if previous is not None:
-            sys.setswitchinterval(previous)
-
-    def _work(self) -> tuple[Kvm, Vm]:
-        closers = []
-        try:
-            kvm = Kvm()
-            closers.append(kvm.close)
-            for cap in (Cap.IRQCHIP, Cap.IRQFD, Cap.IOEVENTFD, Cap.USER_MEMORY, Cap.PIT2, Cap.IMMEDIATE_EXIT):
-                if not kvm.check_extension(cap):
-                    raise VmmError(f"this host's KVM lacks {cap.name}, which microvmm needs")
-            vm = kvm.create_vm()
-            closers.append(vm.close)
-            vm.set_tss_addr(TSS_ADDRESS)
-            vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
-            vm.create_irqchip()
-            vm.create_pit2(flags=0)
-            for slot, region in enumerate(self._memory.regions):
-                vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
-            return kvm, vm
-        except BaseException:
-            for close in reversed(closers):
-                try:
-                    close()
-                except Exception as close_err:  # keep closing the rest
-                    logger.debug("VM setup cleanup: %s", close_err)
-            raise
-
-    def _dispose(self, result: tuple[Kvm, Vm]) -> None:
-        kvm, vm = result
-        vm.close()
-        kvm.close()
-
-
-class _ImageReader(_HelperThread["tuple[LoadedElf | bytes, bytes | None]"]):
-    """Loads the kernel and reads the initrd on a helper thread, started before
-    the VM is built.
-
-    An ELF vmlinux is read segment by segment straight into guest RAM
-    (load_elf_vmlinux_file: preadv() without the GIL, no ~15 MB copy in host
-    memory); take() then returns its LoadedElf. A bzImage is returned as
-    bytes: the boot loader parses (and may decompress) it. The initrd comes as
-    bytes or None. Failures surface from take() as the VmmError (unreadable
-    file) or BootError (bad ELF) they were. It keeps no reference to what
-    take() handed over (a bzImage's bytes are garbage once in guest RAM).
-    """
-
-    def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory):
-        self._paths = (kernel, initrd)
-        self._memory = memory
-        super().__init__("microvmm-images")
-
-    def _work(self) -> tuple[LoadedElf | bytes, bytes | None]:
-        kernel, initrd = self._paths
-        return _load_kernel(kernel, self._memory), _read_file(initrd, "initrd") if initrd else None
-
-
-def _load_kernel(path: Path, memory: GuestMemory) -> LoadedElf | bytes:
-    """An ELF vmlinux loaded into `memory`, else the kernel file's bytes."""
-    from microvmm.boot.elf import ELF_MAGIC, load_elf_vmlinux_file
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
-    try:
-        if os.pread(fd, len(ELF_MAGIC), 0) == ELF_MAGIC:
-            return load_elf_vmlinux_file(memory, fd, "kernel")
-    except OSError as err:
-        raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
-    finally:
-        os.close(fd)
-    return _read_file(path, "kernel")
-
-
-def run_vm(config: VmConfig) -> int:
-    """Run a VM to its end; print the summary (and report) on stderr, write results files."""
+    `preparation`: VmPreparation(config) started by the caller before it imported
+    this module (start-up time); run_vm owns and closes it."""
     from microvmm.boot.errors import BootError
     from microvmm.kvm import KvmError, KvmUnavailableError
     started = time.monotonic()
     vmm = None
     try:
-        vmm = Vmm(config)
-        outcome = vmm.run()
+        try:
+            vmm = Vmm(config)
+        finally:
+            if vmm is None and preparation is not None:
+                preparation.close()  # no run took it over
+        outcome = vmm.run(preparation)
     except (KvmUnavailableError, VmmError, BootError, KvmError) as err:
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}")
     sink = getattr(vmm, "_serial_sink", None)

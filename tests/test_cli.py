@@ -40,7 +40,9 @@ def captured_config(monkeypatch, tmp_path):
     """Replace the VMM: record the VmConfig main() would run, return 0."""
     seen = []
 
-    def fake_run_vm(config):
+    def fake_run_vm(config, preparation=None):
+        if preparation is not None:
+            preparation.close()  # what the CLI started for the VMM: its threads, the VM, guest RAM
         seen.append(config)
         return 0
 
@@ -53,7 +55,9 @@ def captured_config(monkeypatch, tmp_path):
 def no_vm(monkeypatch, tmp_path):
     """Fail the test if main() ever gets as far as starting the VMM."""
 
-    def must_not_run(config):
+    def must_not_run(config, preparation=None):
+        if preparation is not None:
+            preparation.close()
         raise AssertionError(f"the VMM was started for a bad command line: {config}")
 
     monkeypatch.setattr(microvmm.vmm, "run_vm", must_not_run)

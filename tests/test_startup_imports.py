@@ -44,7 +44,7 @@ NOT_AT_STARTUP = (
 )
 
 #: The modules the CLI and the VMM import to get to the first KVM_RUN.
-STARTUP_IMPORTS = ("microvmm.cli", "microvmm.vmm", "microvmm.virtio_console.spec", "microvmm.boot",
+STARTUP_IMPORTS = ("microvmm.cli", "microvmm.vmm", "microvmm.vmprep", "microvmm.virtio_console.spec", "microvmm.boot",
                    "microvmm.vmconfig", "microvmm.run_monitor", "microvmm.devices", "microvmm.eventloop",
                    "microvmm.pci.bus", "microvmm.memory", "microvmm.kvm", "microvmm.vcpu_runner")
 
@@ -95,6 +95,14 @@ def test_the_kvm_package_still_exports_every_name():
         kvm.no_such_name  # noqa: B018
     from microvmm.kvm import VcpuEvents  # the from-import form
     assert VcpuEvents.__module__ == "microvmm.kvm.events"
+
+
+def test_the_vm_preparation_imports_neither_the_vmm_nor_the_kvm_bindings():
+    """The CLI starts it before importing the VMM: it must stay light to import
+    (microvmm.kvm is imported when a preparation starts, to create the VM)."""
+    loaded = _modules_after("import microvmm.vmprep")
+    assert sorted(loaded & {"microvmm.vmm", "microvmm.kvm", "microvmm.vcpu_runner", "microvmm.boot.linux",
+                            "microvmm.boot.elf", *NOT_AT_STARTUP}) == []
 
 
 def test_the_cli_alone_does_not_import_the_vmm():

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+import microvmm.kvm
 import microvmm.vmm as vmm
+import microvmm.vmprep as vmprep
 from boot_testimages import make_bzimage, make_elf
 from microvmm.boot import guest_ram_layout
 from microvmm.boot.elf import LoadedElf
@@ -40,12 +42,13 @@ def memory():
 @needs_kvm
 def test_take_hands_over_the_vm_with_its_registered_guest_ram(memory):
     before = sys.getswitchinterval()
-    setup = vmm._VmSetup(memory)
-    kvm, vm = setup.take()
+    setup = vmprep.VmSetup(memory)
+    kvm, vm, cpuid = setup.take()
     try:
         assert not setup._thread.is_alive()
         assert sys.getswitchinterval() == before
         assert vm.fileno() >= 0 and kvm.fileno() >= 0
+        assert cpuid == kvm.get_supported_cpuid() and any(e.function == 0 for e in cpuid)
         vcpu = vm.create_vcpu(0)  # the irqchip exists: a vCPU gets its LAPIC
         vcpu.close()
         # The RAM is registered: another slot over the same guest range is refused (EEXIST).
@@ -64,7 +67,7 @@ def test_take_hands_over_the_vm_with_its_registered_guest_ram(memory):
 @needs_kvm
 def test_close_without_take_closes_everything(memory):
     fds = _open_fds()
-    setup = vmm._VmSetup(memory)
+    setup = vmprep.VmSetup(memory)
     setup.close()
     assert not setup._thread.is_alive()
     assert _open_fds() == fds
@@ -80,20 +83,20 @@ def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeyp
         raise error
 
     if fail_in == "Kvm":
-        monkeypatch.setattr(vmm, "Kvm", failing)
+        monkeypatch.setattr(microvmm.kvm, "Kvm", failing)
     else:
-        monkeypatch.setattr(vmm.Vm, fail_in, failing)
-    real_kvm = vmm.Kvm
+        monkeypatch.setattr(microvmm.kvm.Vm, fail_in, failing)
+    real_kvm = microvmm.kvm.Kvm
 
     def recording_kvm(*args, **kwargs):
         kvm = real_kvm(*args, **kwargs)
         opened.append(kvm)
         return kvm
     if fail_in != "Kvm":
-        monkeypatch.setattr(vmm, "Kvm", recording_kvm)
+        monkeypatch.setattr(microvmm.kvm, "Kvm", recording_kvm)
     fds = _open_fds()
     before = sys.getswitchinterval()
-    setup = vmm._VmSetup(memory)
+    setup = vmprep.VmSetup(memory)
     with pytest.raises(KvmError) as info:
         setup.take()
     assert info.value is error
@@ -107,7 +110,7 @@ def test_a_failure_in_the_setup_is_raised_by_take_with_nothing_left_open(monkeyp
 def test_no_dev_kvm_gives_the_same_error_and_exit_status_as_before(monkeypatch, capsys, tmp_path):
     """The error reaches run_vm from the helper thread unchanged: one line, exit 125."""
     missing = str(tmp_path / "no-kvm")
-    monkeypatch.setattr(vmm, "Kvm", lambda: Kvm(missing))
+    monkeypatch.setattr(microvmm.kvm, "Kvm", lambda: Kvm(missing))
     kernel = IMAGES / "vmlinux"
     if not kernel.is_file():
         kernel = tmp_path / "vmlinux"
@@ -128,7 +131,7 @@ def _read_kernel(tmp_path, image: bytes, memory: GuestMemory, initrd: bytes | No
     if initrd is not None:
         initrd_path = tmp_path / "initrd"
         initrd_path.write_bytes(initrd)
-    reader = vmm._ImageReader(kernel, initrd_path, memory)
+    reader = vmprep.ImageReader(kernel, initrd_path, memory)
     try:
         return reader.take()
     finally:
@@ -163,7 +166,58 @@ def test_a_bad_elf_is_raised_by_take_as_the_boot_error_it_is(tmp_path, memory):
 
 def test_an_unreadable_kernel_is_a_vmm_error_naming_it(tmp_path, memory):
     missing = tmp_path / "no-such-vmlinux"
-    reader = vmm._ImageReader(missing, None, memory)
-    with pytest.raises(vmm.VmmError, match=rf"cannot read kernel {missing}: No such file or directory"):
+    reader = vmprep.ImageReader(missing, None, memory)
+    with pytest.raises(vmprep.VmmError, match=rf"cannot read kernel {missing}: No such file or directory"):
         reader.take()
     reader.close()
+
+
+def _threads() -> set[str]:
+    import threading
+    return {t.name for t in threading.enumerate()}
+
+
+@needs_kvm
+def test_a_preparation_hands_over_the_vm_and_the_loaded_kernel(tmp_path):
+    kernel = tmp_path / "vmlinux"
+    text = os.urandom(0x2000)
+    kernel.write_bytes(make_elf([(0x100_0000, text, 0x2000)], entry=0x100_0000))
+    fds = _open_fds()
+    preparation = vmprep.VmPreparation(VmConfig(kernel=kernel, initrd=None, cmdline="", mem_size=MEM))
+    kvm, vm, _cpuid = preparation.take_vm()
+    loaded, initrd = preparation.take_images()
+    assert isinstance(loaded, LoadedElf) and initrd is None
+    assert preparation.memory.read(0x100_0000, 0x2000) == text
+    vm.close()
+    kvm.close()
+    preparation.close()
+    assert preparation.memory.regions[0].mapping.closed
+    assert _open_fds() == fds
+    assert not {"microvmm-vm-setup", "microvmm-images"} & _threads()
+
+
+@needs_kvm
+def test_closing_an_untaken_preparation_closes_the_vm_and_unmaps_ram(tmp_path):
+    fds = _open_fds()
+    preparation = vmprep.VmPreparation(VmConfig(kernel=tmp_path / "missing", initrd=None, cmdline="",
+                                                mem_size=MEM))
+    preparation.close()  # the kernel's read failed, the VM was made: both threads joined, VM closed
+    assert preparation.memory.regions[0].mapping.closed
+    assert _open_fds() == fds
+    assert not {"microvmm-vm-setup", "microvmm-images"} & _threads()
+
+
+@needs_kvm
+def test_run_vm_closes_a_preparation_it_could_not_use(tmp_path, capsys):
+    """A VMM that fails before running (here: --log in a missing directory) still
+    closes the preparation the CLI started: no VM fd, thread or mapping left."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000))
+    config = VmConfig(kernel=kernel, initrd=None, cmdline="", mem_size=MEM, log=tmp_path / "no" / "log")
+    fds = _open_fds()
+    preparation = vmprep.VmPreparation(config)
+    assert vmm.run_vm(config, preparation) == ExitCode.VMM_ERROR
+    assert "--log" in capsys.readouterr().err
+    assert preparation.memory.regions[0].mapping.closed
+    assert _open_fds() == fds
+    assert not {"microvmm-vm-setup", "microvmm-images"} & _threads()
