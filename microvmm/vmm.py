@@ -218,7 +218,6 @@ class Vmm:
         names (serial file, console port backends) so that those fail before the
         guest runs. Devices come later (_build_devices)."""
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
-        from microvmm.kvm import CpuidEntry
 
         config = self.config
         additions = quirks.cmdline_additions
@@ -253,8 +252,8 @@ class Vmm:
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
-            vcpu.set_cpuid2([CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                             for e in vcpu_cpuid(supported, index, config.cpus)])
+            # KVM's own CpuidEntry objects in, the same type out (boot/cpuid.py).
+            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus))
             vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
             if index == 0:
                 self._set_boot_state(vcpu, boot)

@@ -82,6 +82,20 @@ def test_kvm_leaves_and_others_untouched_and_input_not_modified():
     assert len(entries) == len(SUPPORTED)
 
 
+def test_frozen_entries_left_as_they_are_are_not_copied():
+    """The KVM binding's CpuidEntry is frozen: an unchanged leaf can be handed back
+    itself (no copy per leaf at start-up); a changed one is a new entry of that type."""
+    from microvmm.kvm import CpuidEntry as KvmCpuidEntry
+    supported = [KvmCpuidEntry(**vars(e)) for e in SUPPORTED]
+    out = vcpu_cpuid(supported, 1, 2)
+    assert all(type(e) is KvmCpuidEntry for e in out)
+    unchanged = [(a, b) for a, b in zip(supported, out) if a.function in (0, 0x4000_0000, 0x4000_0001)]
+    assert unchanged and all(a is b for a, b in unchanged)
+    leaf1 = next(i for i, e in enumerate(supported) if e.function == 1)
+    assert out[leaf1] is not supported[leaf1] and out[leaf1] != supported[leaf1]
+    assert supported[leaf1].ebx == 0x00000800  # input not modified
+
+
 def test_bad_indices():
     with pytest.raises(ValueError):
         vcpu_cpuid(SUPPORTED, 2, 2)

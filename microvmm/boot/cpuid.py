@@ -81,8 +81,10 @@ def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) 
 
     Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes
     and leaves them untouched. Dataclass entries (such as the KVM binding's
-    CpuidEntry) come back as modified copies of the same type, so they can go
-    straight to KVM_SET_CPUID2; other objects come back as this module's CpuidEntry.
+    CpuidEntry) come back as the same type, so they can go straight to
+    KVM_SET_CPUID2: a frozen entry this leaves as it is comes back itself (it
+    cannot change), any other one as a modified copy; other objects come back
+    as this module's CpuidEntry.
     """
     if not 1 <= num_vcpus <= 255:
         raise ValueError(f"{num_vcpus} vCPUs: APIC ids here are 8-bit (1..255 vCPUs)")
@@ -92,7 +94,8 @@ def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) 
     result = []
     for src in supported:
         if is_dataclass(src) and not isinstance(src, type):
-            entry = replace(src)
+            # Most leaves pass unchanged: no copy of an immutable one (start-up time).
+            entry = src if type(src).__dataclass_params__.frozen else replace(src)
         else:
             entry = CpuidEntry(function=src.function, index=src.index, flags=src.flags,
                                eax=src.eax, ebx=src.ebx, ecx=src.ecx, edx=src.edx)
