@@ -71,14 +71,14 @@ def test_elf_boot_without_initrd(mem):
 
 
 def test_an_elf_already_loaded_from_its_file_boots_like_its_bytes(mem, tmp_path):
-    """The VMM loads a vmlinux on a helper thread (load_elf_vmlinux_file) and hands
-    setup_linux_boot the LoadedElf: the boot it prepares is the same."""
-    from microvmm.boot import load_elf_vmlinux_file
+    """The VMM loads a vmlinux and its initrd on a helper thread (load_elf_vmlinux_file,
+    load_initrd_file) and hands setup_linux_boot the results: the boot it prepares,
+    and all of guest RAM, are the same."""
+    from microvmm.boot import load_elf_vmlinux_file, load_initrd_file
     text = os.urandom(0x2000)
     elf = make_elf([(0x100_0000, text, 0x2000), (0x100_2000, b"d" * 16, 0x1000)], entry=0x100_0040)
     initrd = b"070701" + os.urandom(5000)
     expected = setup_linux_boot(mem, elf, "console=hvc0", initrd)
-    expected_ram = mem.read(0, 32 * MiB)
     path = tmp_path / "vmlinux"
     path.write_bytes(elf)
     fresh = GuestMemory(guest_ram_layout(64 * MiB))
@@ -88,11 +88,25 @@ def test_an_elf_already_loaded_from_its_file_boots_like_its_bytes(mem, tmp_path)
             loaded = load_elf_vmlinux_file(fresh, fd, "kernel")
         finally:
             os.close(fd)
-        info = setup_linux_boot(fresh, loaded, "console=hvc0", initrd)
+        (tmp_path / "initrd").write_bytes(initrd)
+        fd = os.open(tmp_path / "initrd", os.O_RDONLY)
+        try:
+            loaded_initrd = load_initrd_file(fresh, fd, loaded.kernel_end)
+        finally:
+            os.close(fd)
+        info = setup_linux_boot(fresh, loaded, "console=hvc0", loaded_initrd)
         assert info == expected
-        assert fresh.read(0, 32 * MiB) == expected_ram
+        assert fresh.read(0, 64 * MiB) == mem.read(0, 64 * MiB)
     finally:
         fresh.close()
+
+
+def test_an_initrd_loaded_elsewhere_than_the_protocol_says_is_refused(mem):
+    from microvmm.boot import LoadedInitrd
+    elf = make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000)
+    with pytest.raises(InitrdError, match=r"initrd loaded at 0x2000000, but this kernel's boot protocol "
+                                          r"puts it at 0x3fff000"):
+        setup_linux_boot(mem, elf, "", LoadedInitrd(addr=0x200_0000, size=0x1000))
 
 
 def test_elf_cmdline_limit_is_2048(mem):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -10,8 +11,9 @@ from boot_testimages import make_bzimage
 from microvmm.boot.bzimage import parse_setup_header
 from microvmm.boot.errors import CmdlineError, InitrdError
 from microvmm.boot.layout import MemoryLayoutError, guest_ram_layout
-from microvmm.boot.params import (BootParams, E820Type, build_e820_map, encode_cmdline,
-                                  place_initrd, raw_setup_header, synthesize_setup_header)
+from microvmm.boot.initrd import SYNTHETIC_INITRD_ADDR_MAX, load_initrd_file, place_initrd
+from microvmm.boot.params import (BootParams, E820Type, build_e820_map, encode_cmdline, raw_setup_header,
+                                  synthesize_setup_header)
 from microvmm.memory import GuestMemory
 
 MiB = 1 << 20
@@ -142,3 +144,42 @@ def test_guest_ram_layout_limits():
         guest_ram_layout(1 * MiB)
     with pytest.raises(MemoryLayoutError, match=r"multiple of 4 KiB"):
         guest_ram_layout(64 * MiB + 1)
+
+
+def test_load_initrd_file_reads_it_to_its_place(tmp_path):
+    data = os.urandom(0x3456)
+    path = tmp_path / "initrd"
+    path.write_bytes(data)
+    mem = GuestMemory([(0, 64 * MiB)])
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            loaded = load_initrd_file(mem, fd, kernel_end=0x200_0000)
+        finally:
+            os.close(fd)
+        assert loaded.addr == place_initrd(64 * MiB, len(data), SYNTHETIC_INITRD_ADDR_MAX, 0x200_0000)
+        assert loaded.size == len(data)
+        assert mem.read(loaded.addr, loaded.size) == data
+    finally:
+        mem.close()
+
+
+def test_load_initrd_file_refuses_a_file_that_shrinks(tmp_path, monkeypatch):
+    path = tmp_path / "initrd"
+    path.write_bytes(bytes(0x4000))
+    real_preadv = os.preadv
+
+    def cut_then_read(fd, buffers, offset):
+        os.truncate(path, 0x1000)
+        return real_preadv(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", cut_then_read)
+    mem = GuestMemory([(0, 64 * MiB)])
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(InitrdError, match=r"initrd: the file ended at 0x1000 of 0x4000 bytes"):
+                load_initrd_file(mem, fd, kernel_end=0x200_0000)
+        finally:
+            os.close(fd)
+    finally:
+        mem.close()

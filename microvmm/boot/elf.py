@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from . import layout
 from .errors import ElfError, KernelFormatError
+from .fileread import pread_into
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +221,7 @@ def _pread_exactly(fd: int, size: int, offset: int, source: str) -> bytes:
 
 
 def _preadv_exactly(fd: int, target: memoryview, offset: int, source: str) -> None:
-    done = 0
-    while done < len(target):
-        count = os.preadv(fd, [target[done:]], offset + done)
-        if count == 0:
-            raise ElfError(f"{source}: truncated ELF: the file ended at {offset + done:#x} while "
-                           f"loading (was it rewritten during the boot?)")
-        done += count
+    done = pread_into(fd, target, offset)
+    if done < len(target):
+        raise ElfError(f"{source}: truncated ELF: the file ended at {offset + done:#x} while "
+                       f"loading (was it rewritten during the boot?)")

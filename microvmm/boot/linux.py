@@ -9,12 +9,12 @@ from typing import NamedTuple
 from . import layout
 from .bzimage import SetupHeader, load_bzimage, parse_setup_header
 from .elf import KernelFormat, LoadedElf, detect_kernel_format, load_elf_vmlinux
-from .errors import BootError, UnsupportedPayloadError
+from .errors import BootError, InitrdError, UnsupportedPayloadError
 from .mptable import DEFAULT_CPU_FEATURES, DEFAULT_CPU_SIGNATURE, PciIrq, write_mptable
 from .paging import LongModeState, setup_long_mode
+from .initrd import LoadedInitrd, place_initrd
 from .params import (RNG_SEED_SIZE, BootParams, E820Entry, SetupDataType, build_e820_map,
-                     build_setup_data_chain, encode_cmdline, place_initrd, raw_setup_header,
-                     synthesize_setup_header)
+                     build_setup_data_chain, encode_cmdline, raw_setup_header, synthesize_setup_header)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class BootInfo(NamedTuple):
 
 
 def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str | bytes,
-                     initrd: bytes | memoryview | None = None, num_cpus: int = 1,
+                     initrd: bytes | memoryview | LoadedInitrd | None = None, num_cpus: int = 1,
                      pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
                      kernel_source: str = "kernel",
                      rng_seed: bytes | None = None,
@@ -65,7 +65,9 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str |
     `mem` is a GuestMemory whose RAM starts at guest address 0 (see
     layout.guest_ram_layout). `kernel` is the image's bytes, or the LoadedElf
     of an ELF vmlinux already in `mem` (load_elf_vmlinux_file reads one there
-    straight from its file). `kernel_source` names the kernel file in errors.
+    straight from its file). `initrd` likewise: its bytes, or the LoadedInitrd
+    load_initrd_file put in `mem` (it must be where this would put it).
+    `kernel_source` names the kernel file in errors.
     `rng_seed` (RNG_SEED_SIZE random bytes from the caller, which owns the
     randomness so that this stays a pure function) goes to the kernel as a
     SETUP_RNG_SEED record: a kernel that trusts its boot loader
@@ -123,10 +125,15 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str |
     initrd_addr: int | None = None
     initrd_size = 0
     if initrd is not None:
-        initrd_size = len(initrd)
+        preloaded_initrd = initrd if isinstance(initrd, LoadedInitrd) else None
+        initrd_size = preloaded_initrd.size if preloaded_initrd is not None else len(initrd)
         initrd_addr = place_initrd(mem.end, initrd_size,
                                    header.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX, kernel_end)
-        mem.write(initrd_addr, initrd)
+        if preloaded_initrd is None:
+            mem.write(initrd_addr, initrd)
+        elif preloaded_initrd.addr != initrd_addr:
+            raise InitrdError(f"initrd loaded at {preloaded_initrd.addr:#x}, but this kernel's "
+                              f"boot protocol puts it at {initrd_addr:#x}")
 
     setup_data_addr = 0
     if rng_seed is not None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from . import layout
 from .bzimage import (BOOT_FLAG, HEADER_MAGIC, SETUP_HEADER_END, SETUP_HEADER_OFFSET,
                       TYPE_OF_LOADER_UNDEFINED, LoadFlags, SetupHeader, XLoadFlags)
-from .errors import BootError, CmdlineError, InitrdError
+from .errors import BootError, CmdlineError
+from .initrd import SYNTHETIC_INITRD_ADDR_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ HDR_AREA_END = 0x290  # hdr plus its padding end where edd_mbr_sig_buffer starts
 # What the ELF (vmlinux) path claims in its synthesized setup header.
 SYNTHETIC_PROTOCOL_VERSION = 0x020F
 SYNTHETIC_CMDLINE_SIZE = 2048  # x86 COMMAND_LINE_SIZE
-SYNTHETIC_INITRD_ADDR_MAX = 0x7FFF_FFFF
 SYNTHETIC_KERNEL_ALIGNMENT = 0x20_0000
 # End of the real-mode heap, as an offset from the setup code minus 0x200.
 # Only the real-mode setup code reads it, which the 64-bit protocol skips;
@@ -145,27 +145,6 @@ def encode_cmdline(cmdline: str | bytes, cmdline_size: int) -> bytes:
             f"kernel command line is {len(raw)} bytes, longer than the kernel's limit of "
             f"{limit} bytes (setup header cmdline_size)")
     return raw + b"\0"
-
-
-def place_initrd(ram_end: int, initrd_size: int, initrd_addr_max: int, kernel_end: int) -> int:
-    """The highest page-aligned address where the initrd fits.
-
-    It must end at or below initrd_addr_max + 1 (the highest address the
-    kernel accepts for initrd contents) and the end of RAM, and start above
-    everything the kernel occupies (kernel_end, which includes the
-    decompression footprint init_size for a bzImage).
-    """
-    if initrd_size <= 0:
-        raise InitrdError("initrd is empty")
-    top = min(initrd_addr_max + 1, ram_end)
-    lowest = layout.align_up(kernel_end, layout.PAGE_SIZE)
-    addr = layout.align_down(top - initrd_size, layout.PAGE_SIZE)
-    if addr < lowest:
-        raise InitrdError(
-            f"initrd of {initrd_size} bytes does not fit between the end of the kernel "
-            f"({lowest:#x}) and {top:#x} (min of initrd_addr_max+1 and the end of guest RAM): "
-            f"give the guest more memory or use a smaller initrd")
-    return addr
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""Where the initrd goes in guest RAM, and loading one there straight from its file."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from . import layout
+from .errors import InitrdError
+from .fileread import pread_into
+
+#: initrd_addr_max of the setup header made up for an ELF vmlinux
+#: (params.synthesize_setup_header), which has none of its own.
+SYNTHETIC_INITRD_ADDR_MAX = 0x7FFF_FFFF
+
+
+class LoadedInitrd(NamedTuple):
+    """An initrd already in guest RAM (load_initrd_file): where, and its size."""
+
+    addr: int
+    size: int
+
+
+def place_initrd(ram_end: int, initrd_size: int, initrd_addr_max: int, kernel_end: int) -> int:
+    """The highest page-aligned address where the initrd fits.
+
+    It must end at or below initrd_addr_max + 1 (the highest address the
+    kernel accepts for initrd contents) and the end of RAM, and start above
+    everything the kernel occupies (kernel_end, which includes the
+    decompression footprint init_size for a bzImage).
+    """
+    if initrd_size <= 0:
+        raise InitrdError("initrd is empty")
+    top = min(initrd_addr_max + 1, ram_end)
+    lowest = layout.align_up(kernel_end, layout.PAGE_SIZE)
+    addr = layout.align_down(top - initrd_size, layout.PAGE_SIZE)
+    if addr < lowest:
+        raise InitrdError(
+            f"initrd of {initrd_size} bytes does not fit between the end of the kernel "
+            f"({lowest:#x}) and {top:#x} (min of initrd_addr_max+1 and the end of guest RAM): "
+            f"give the guest more memory or use a smaller initrd")
+    return addr
+
+
+def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTHETIC_INITRD_ADDR_MAX,
+                     source: str = "initrd") -> LoadedInitrd:
+    """Read an initrd with preadv() straight to where place_initrd() puts it.
+
+    `kernel_end` is the end of the loaded kernel (LoadedElf.kernel_end);
+    `initrd_addr_max` the kernel's limit (the default is an ELF vmlinux's,
+    whose header setup_linux_boot synthesizes). setup_linux_boot takes the
+    result as its `initrd` and checks it is where it would have put it.
+    Raises InitrdError (empty, does not fit, file shrank); OSError passes through.
+    """
+    size = os.fstat(fd).st_size
+    addr = place_initrd(mem.end, size, initrd_addr_max, kernel_end)
+    done = pread_into(fd, mem.view(addr, size), 0)
+    if done < size:
+        raise InitrdError(f"{source}: the file ended at {done:#x} of {size:#x} bytes while loading "
+                          f"(was it rewritten during the boot?)")
+    return LoadedInitrd(addr, size)
