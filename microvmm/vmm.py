@@ -237,15 +237,15 @@ class Vmm:
         self._serial_sink = self._open_serial_sink()
         self._port_backends = self._open_port_backends()
 
-        # An ELF vmlinux is in guest RAM already (a LoadedElf); a bzImage comes as bytes.
-        kernel, initrd_bytes = self._preparation.take_images()
+        # An ELF vmlinux and its initrd are in guest RAM already; a bzImage comes as bytes.
+        kernel, initrd = self._preparation.take_images()
         # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
         # is ready at once (a kernel that trusts its boot loader).
-        boot = setup_linux_boot(memory, kernel, cmdline, initrd_bytes,
+        boot = setup_linux_boot(memory, kernel, cmdline, initrd,
                                 num_cpus=config.cpus, pci_irqs=self._planned_pci_irqs(),
                                 rng_seed=os.urandom(RNG_SEED_SIZE),
                                 bzimage_payload_as_elf=quirks.decompress_bzimage_on_host)
-        del kernel, initrd_bytes  # in guest RAM now; their pages go back
+        del kernel, initrd  # in guest RAM now; a bzImage's bytes go back
         self.boot = boot
         self._announce_payload_workaround(boot)
         self._gate = gate = DeviceGate()

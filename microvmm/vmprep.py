@@ -24,6 +24,7 @@ from microvmm.memory import GuestMemory
 
 if TYPE_CHECKING:
     from microvmm.boot.elf import LoadedElf
+    from microvmm.boot.initrd import LoadedInitrd
     from microvmm.kvm import CpuidEntry, Kvm, Vm
     from microvmm.vmconfig import VmConfig
 
@@ -70,8 +71,9 @@ class VmPreparation:
         """(kvm, vm, the CPUID leaves this KVM supports)."""
         return self._vm_setup.take()
 
-    def take_images(self) -> tuple[LoadedElf | bytes, bytes | None]:
-        """(the kernel: its LoadedElf, already in guest RAM, or a bzImage's bytes; the initrd or None)."""
+    def take_images(self) -> tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]:
+        """(the kernel, the initrd or None): an ELF vmlinux and its initrd already in
+        guest RAM (LoadedElf, LoadedInitrd), a bzImage and its initrd as bytes."""
         return self._images.take()
 
     def close(self) -> None:
@@ -204,15 +206,16 @@ class VmSetup(HelperThread["tuple[Kvm, Vm, list[CpuidEntry]]"]):
         kvm.close()
 
 
-class ImageReader(HelperThread["tuple[LoadedElf | bytes, bytes | None]"]):
+class ImageReader(HelperThread["tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]"]):
     """Loads the kernel and reads the initrd on a helper thread, started before
     the VM is built.
 
     An ELF vmlinux is read segment by segment straight into guest RAM
     (load_elf_vmlinux_file: preadv() without the GIL, no ~15 MB copy in host
-    memory); take() then returns its LoadedElf. A bzImage is returned as
-    bytes: the boot loader parses (and may decompress) it. The initrd comes as
-    bytes or None. Failures surface from take() as the VmmError (unreadable
+    memory); take() then returns its LoadedElf, and the initrd goes the same
+    way to where the boot loader would put it (a LoadedInitrd). A bzImage is
+    returned as bytes, its initrd too: the boot loader parses (and may
+    decompress) it and places both. Failures surface from take() as the VmmError (unreadable
     file) or BootError (bad ELF) they were. It keeps no reference to what
     take() handed over (a bzImage's bytes are garbage once in guest RAM).
     """
@@ -222,9 +225,27 @@ class ImageReader(HelperThread["tuple[LoadedElf | bytes, bytes | None]"]):
         self._memory = memory
         super().__init__("microvmm-images")
 
-    def _work(self) -> tuple[LoadedElf | bytes, bytes | None]:
-        kernel, initrd = self._paths
-        return load_kernel(kernel, self._memory), read_file(initrd, "initrd") if initrd else None
+    def _work(self) -> tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]:
+        kernel_path, initrd_path = self._paths
+        kernel = load_kernel(kernel_path, self._memory)
+        if initrd_path is None:
+            return kernel, None
+        if isinstance(kernel, bytes):  # a bzImage: the boot loader places both
+            return kernel, read_file(initrd_path, "initrd")
+        return kernel, load_initrd(initrd_path, self._memory, kernel)
+
+
+def load_initrd(path: Path, memory: GuestMemory, kernel: LoadedElf) -> LoadedInitrd:
+    """The initrd of an ELF kernel, read straight to its place in guest RAM."""
+    from microvmm.boot.initrd import load_initrd_file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return load_initrd_file(memory, fd, kernel.kernel_end, source=str(path))
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise VmmError(f"cannot read initrd {path}: {err.strerror}") from err
 
 
 def load_kernel(path: Path, memory: GuestMemory) -> LoadedElf | bytes:

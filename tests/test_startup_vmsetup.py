@@ -17,7 +17,8 @@ import microvmm.vmprep as vmprep
 from boot_testimages import make_bzimage, make_elf
 from microvmm.boot import guest_ram_layout
 from microvmm.boot.elf import LoadedElf
-from microvmm.boot.errors import ElfError
+from microvmm.boot.errors import ElfError, InitrdError
+from microvmm.boot.initrd import SYNTHETIC_INITRD_ADDR_MAX, LoadedInitrd, place_initrd
 from microvmm.exitcodes import ExitCode
 from microvmm.kvm import Kvm, KvmError, KvmUnavailableError
 from microvmm.memory import GuestMemory
@@ -48,7 +49,9 @@ def test_take_hands_over_the_vm_with_its_registered_guest_ram(memory):
         assert not setup._thread.is_alive()
         assert sys.getswitchinterval() == before
         assert vm.fileno() >= 0 and kvm.fileno() >= 0
-        assert cpuid == kvm.get_supported_cpuid() and any(e.function == 0 for e in cpuid)
+        # KVM's supported leaves (leaf 1 EBX carries the calling host CPU's APIC id: keys only).
+        assert {(e.function, e.index) for e in cpuid} == {(e.function, e.index) for e in kvm.get_supported_cpuid()}
+        assert any(e.function == 0 for e in cpuid)
         vcpu = vm.create_vcpu(0)  # the irqchip exists: a vCPU gets its LAPIC
         vcpu.close()
         # The RAM is registered: another slot over the same guest range is refused (EEXIST).
@@ -139,20 +142,29 @@ def _read_kernel(tmp_path, image: bytes, memory: GuestMemory, initrd: bytes | No
         assert not reader._thread.is_alive()
 
 
-def test_the_image_reader_loads_an_elf_vmlinux_into_guest_ram(tmp_path, memory):
+def test_the_image_reader_loads_an_elf_vmlinux_and_its_initrd_into_guest_ram(tmp_path, memory):
     text = os.urandom(0x3000)
+    initrd_data = b"070701" + os.urandom(0x5000)
     kernel, initrd = _read_kernel(tmp_path, make_elf([(0x100_0000, text, 0x3000)], entry=0x100_0000),
-                                  memory, initrd=b"070701rest")
+                                  memory, initrd=initrd_data)
     assert isinstance(kernel, LoadedElf)
     assert kernel.entry == 0x100_0000
     assert memory.read(0x100_0000, 0x3000) == text
-    assert initrd == b"070701rest"
+    assert isinstance(initrd, LoadedInitrd) and initrd.size == len(initrd_data)
+    assert initrd.addr == place_initrd(memory.end, len(initrd_data), SYNTHETIC_INITRD_ADDR_MAX, kernel.kernel_end)
+    assert memory.read(initrd.addr, initrd.size) == initrd_data
 
 
-def test_the_image_reader_hands_a_bzimage_over_as_bytes(tmp_path, memory):
+def test_an_initrd_too_big_for_guest_ram_is_the_boot_error_it_was(tmp_path, memory):
+    elf = make_elf([(0x100_0000, b"x", 1)], entry=0x100_0000)
+    with pytest.raises(InitrdError, match=r"initrd of \d+ bytes does not fit"):
+        _read_kernel(tmp_path, elf, memory, initrd=bytes(MEM))
+
+
+def test_the_image_reader_hands_a_bzimage_and_its_initrd_over_as_bytes(tmp_path, memory):
     image = make_bzimage()
-    kernel, initrd = _read_kernel(tmp_path, image, memory)
-    assert kernel == image and initrd is None
+    kernel, initrd = _read_kernel(tmp_path, image, memory, initrd=b"070701rest")
+    assert kernel == image and initrd == b"070701rest"
     assert memory.read(0x100_0000, 64) == bytes(64)  # the boot loader places it, not the reader
 
 
