@@ -141,6 +141,27 @@ def test_bzimage_boots_as_its_elf(mem, fmt):
     assert mem.read(info.setup_data_addr + 16, 32) == seed
 
 
+def test_a_payload_decompressed_beforehand_boots_the_same(mem):
+    """The VMM decompresses on its image thread (decompress_bzimage) and hands
+    setup_linux_boot the result: same BootInfo (but the time), same guest RAM."""
+    from microvmm.boot import DecompressedBzImage, decompress_bzimage
+    image = bzimage_with_payload(compress("lz4", kernel_elf()))
+    initrd = os.urandom(20_000)
+    expected = setup_linux_boot(mem, image, "console=hvc0", initrd, bzimage_payload_as_elf=True)
+    expected_ram = mem.read(0, 64 * MiB)
+    predecoded = decompress_bzimage(image, "kernel")
+    assert isinstance(predecoded, DecompressedBzImage) and predecoded.image is image
+    assert predecoded.seconds > 0
+    fresh = GuestMemory(guest_ram_layout(64 * MiB))
+    try:
+        info = setup_linux_boot(fresh, predecoded, "console=hvc0", initrd, bzimage_payload_as_elf=True)
+        assert info._replace(payload_decompress_seconds=0) == expected._replace(payload_decompress_seconds=0)
+        assert info.payload_decompress_seconds == predecoded.seconds
+        assert fresh.read(0, 64 * MiB) == expected_ram
+    finally:
+        fresh.close()
+
+
 def test_without_the_flag_the_bzimage_boots_through_its_decompressor(mem):
     image = bzimage_with_payload(compress("lz4", kernel_elf()))
     info = setup_linux_boot(mem, image, "", kernel_source="bz")

@@ -16,6 +16,7 @@ from .layout import MemoryLayoutError, guest_ram_layout
 # thread creates the VM (issue 6). name -> submodule.
 _LAZY = {
     "LoadedBzImage": "bzimage", "SetupHeader": "bzimage", "load_bzimage": "bzimage",
+    "DecompressedBzImage": "bzimage", "decompress_bzimage": "payload",
     "parse_setup_header": "bzimage",
     "CpuidEntry": "cpuid", "vcpu_cpuid": "cpuid",
     "KernelFormat": "elf", "LoadedElf": "elf", "detect_kernel_format": "elf", "load_elf_vmlinux": "elf",
@@ -46,13 +47,13 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BootError", "BootInfo", "BootParams", "BzImageError", "CmdlineError", "CpuidEntry",
-    "DecompressedPayload", "DescriptorTable", "E820Entry", "E820Type", "ElfError", "InitrdError",
-    "KernelFormat", "KernelFormatError", "LoadedBzImage", "LoadedElf", "LoadedInitrd",
-    "LongModeState", "MemoryLayoutError", "MpTableError", "PayloadCorruptError", "PayloadError",
-    "PayloadFormat", "PayloadLocationError", "PayloadNotElfError", "PayloadTooLargeError", "PciIrq",
-    "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader", "UnsupportedPayloadError",
-    "build_setup_data_chain", "decompress_bzimage_payload", "detect_kernel_format",
-    "guest_ram_layout", "load_bzimage", "load_elf_vmlinux", "load_elf_vmlinux_file",
-    "load_initrd_file", "parse_setup_header", "place_initrd", "setup_linux_boot", "vcpu_cpuid",
-    "write_mptable",
+    "DecompressedBzImage", "DecompressedPayload", "DescriptorTable", "E820Entry", "E820Type",
+    "ElfError", "InitrdError", "KernelFormat", "KernelFormatError", "LoadedBzImage", "LoadedElf",
+    "LoadedInitrd", "LongModeState", "MemoryLayoutError", "MpTableError", "PayloadCorruptError",
+    "PayloadError", "PayloadFormat", "PayloadLocationError", "PayloadNotElfError",
+    "PayloadTooLargeError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",
+    "UnsupportedPayloadError", "build_setup_data_chain", "decompress_bzimage",
+    "decompress_bzimage_payload", "detect_kernel_format", "guest_ram_layout", "load_bzimage",
+    "load_elf_vmlinux", "load_elf_vmlinux_file", "load_initrd_file", "parse_setup_header",
+    "place_initrd", "setup_linux_boot", "vcpu_cpuid", "write_mptable",
 ]

@@ -15,10 +15,13 @@ import enum
 import logging
 import struct
 from dataclasses import astuple, dataclass, fields, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import layout
 from .errors import BzImageError
+
+if TYPE_CHECKING:
+    from .payload import DecompressedPayload
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +242,15 @@ class LoadedBzImage(NamedTuple):  # a result record: see boot/elf.py's ElfSegmen
     load_addr: int  # protected-mode kernel load address
     entry: int  # 64-bit entry point = load_addr + 0x200
     kernel_end: int  # end of the memory the kernel will use (decompression footprint)
+
+
+class DecompressedBzImage(NamedTuple):
+    """A bzImage whose payload was decompressed ahead of setup_linux_boot (the
+    VMM does it on a helper thread: payload.decompress_bzimage)."""
+
+    image: bytes | memoryview  # the bzImage itself: its setup header goes to the zero page
+    payload: DecompressedPayload
+    seconds: float  # host time the decompression took
 
 
 def _footprint_end(header: SetupHeader, load_addr: int, loaded_size: int) -> int:

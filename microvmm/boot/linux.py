@@ -7,7 +7,7 @@ import time
 from typing import NamedTuple
 
 from . import layout
-from .bzimage import SetupHeader, load_bzimage, parse_setup_header
+from .bzimage import DecompressedBzImage, SetupHeader, load_bzimage, parse_setup_header
 from .elf import KernelFormat, LoadedElf, detect_kernel_format, load_elf_vmlinux
 from .errors import BootError, InitrdError, UnsupportedPayloadError
 from .mptable import DEFAULT_CPU_FEATURES, DEFAULT_CPU_SIGNATURE, PciIrq, write_mptable
@@ -52,7 +52,7 @@ class BootInfo(NamedTuple):
     payload_fallback_reason: str | None = None
 
 
-def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str | bytes,
+def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf | DecompressedBzImage, cmdline: str | bytes,
                      initrd: bytes | memoryview | LoadedInitrd | None = None, num_cpus: int = 1,
                      pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
                      kernel_source: str = "kernel",
@@ -65,7 +65,9 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str |
     `mem` is a GuestMemory whose RAM starts at guest address 0 (see
     layout.guest_ram_layout). `kernel` is the image's bytes, or the LoadedElf
     of an ELF vmlinux already in `mem` (load_elf_vmlinux_file reads one there
-    straight from its file). `initrd` likewise: its bytes, or the LoadedInitrd
+    straight from its file), or a DecompressedBzImage (payload.decompress_bzimage:
+    a bzImage whose payload the caller decompressed already; it boots as its
+    ELF, as with bzimage_payload_as_elf below). `initrd` likewise: its bytes, or the LoadedInitrd
     load_initrd_file put in `mem` (it must be where this would put it).
     `kernel_source` names the kernel file in errors.
     `rng_seed` (RNG_SEED_SIZE random bytes from the caller, which owns the
@@ -88,14 +90,16 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf, cmdline: str |
     if not mem.contains(0, layout.HIGH_MEMORY_START):
         raise BootError("guest RAM must cover [0, 1 MiB) for the boot structures")
     preloaded = kernel if isinstance(kernel, LoadedElf) else None
-    kernel_format = (KernelFormat.ELF if preloaded is not None
-                     else detect_kernel_format(kernel, kernel_source))
     payload_format: str | None = None
     payload_elf_size = 0
     payload_seconds = 0.0
     fallback_reason: str | None = None
     payload = None
-    if kernel_format is KernelFormat.BZIMAGE and bzimage_payload_as_elf:
+    if isinstance(kernel, DecompressedBzImage):  # its payload decompressed by the caller
+        kernel, payload, payload_seconds = kernel
+    kernel_format = (KernelFormat.ELF if preloaded is not None
+                     else detect_kernel_format(kernel, kernel_source))
+    if kernel_format is KernelFormat.BZIMAGE and bzimage_payload_as_elf and payload is None:
         from .payload import decompress_bzimage_payload  # deferred: bzImages on emulating hosts only
         started = time.perf_counter()
         try:

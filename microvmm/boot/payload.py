@@ -36,12 +36,13 @@ import enum
 import lzma
 import logging
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
 from . import layout
-from .bzimage import SetupHeader, parse_setup_header
+from .bzimage import DecompressedBzImage, SetupHeader, parse_setup_header
 from .errors import (PayloadCorruptError, PayloadLocationError, PayloadNotElfError,
                      PayloadTooLargeError, UnsupportedPayloadError)
 
@@ -93,7 +94,9 @@ class DecompressedPayload:
 
     format: PayloadFormat
     compressed_size: int  # payload_length
-    elf: bytes  # the ELF, followed by the relocation table of a relocatable kernel
+    # The ELF, followed by the relocation table of a relocatable kernel: a
+    # read-only view of the decoder's buffer (a bytes copy of ~16 MB cost ~7 ms).
+    elf: memoryview
 
 
 def identify_payload_format(payload: bytes | memoryview) -> PayloadFormat:
@@ -263,4 +266,12 @@ def decompress_bzimage_payload(image: bytes | memoryview, source: str = "bzImage
     logger.debug("%s: %s payload of %d bytes -> %d bytes of ELF", source,
                  payload_format.value, len(payload), len(out))
     return DecompressedPayload(format=payload_format, compressed_size=len(payload),
-                               elf=bytes(out))
+                               elf=memoryview(out).toreadonly())
+
+
+def decompress_bzimage(image: bytes | memoryview, source: str = "bzImage") -> DecompressedBzImage:
+    """decompress_bzimage_payload, timed, with the image: what setup_linux_boot takes
+    as its kernel when the caller decompressed the payload beforehand."""
+    started = time.perf_counter()
+    payload = decompress_bzimage_payload(image, source)
+    return DecompressedBzImage(image, payload, time.perf_counter() - started)
