@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
-from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks, merge_cmdline
+from microvmm.hostinfo import HostKind, merge_cmdline
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import VmConfig
@@ -129,9 +129,8 @@ class Vmm:
             if preparation is None:
                 self._preparation = preparation = VmPreparation(self.config)
             self.memory = preparation.memory
-            kind, reason = detect_host_kind()
-            quirks = host_quirks(kind, reason, self.config.host_workarounds)
-            self.quirks = quirks
+            kind, reason = preparation.host
+            self.quirks = quirks = preparation.quirks
             self._announce_host(kind, reason)
             # Handlers first: a signal during setup must clean up like any other
             # stop (socket files, terminal), not kill the process half-built.

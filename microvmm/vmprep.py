@@ -23,6 +23,7 @@ from microvmm.boot.layout import guest_ram_layout
 from microvmm.memory import GuestMemory
 
 if TYPE_CHECKING:
+    from microvmm.boot.bzimage import DecompressedBzImage
     from microvmm.boot.elf import LoadedElf
     from microvmm.boot.initrd import LoadedInitrd
     from microvmm.kvm import CpuidEntry, Kvm, Vm
@@ -49,6 +50,10 @@ class VmPreparation:
     """
 
     def __init__(self, config: VmConfig):
+        from microvmm.hostinfo import detect_host_kind, host_quirks
+        #: (HostKind, why) and the workarounds the run applies: the image thread needs them.
+        self.host = detect_host_kind()
+        self.quirks = host_quirks(*self.host, config.host_workarounds)
         try:
             self.memory = GuestMemory(guest_ram_layout(config.mem_size))
         except OSError as err:
@@ -57,7 +62,8 @@ class VmPreparation:
         self._images: ImageReader | None = None
         try:
             # The kernel's reads first: they need nothing more imported.
-            self._images = ImageReader(config.kernel, config.initrd, self.memory)
+            self._images = ImageReader(config.kernel, config.initrd, self.memory,
+                                       decompress_bzimage=self.quirks.decompress_bzimage_on_host)
             # The KVM bindings are imported here, before the VM thread starts:
             # imported on that thread they would compete with the caller's
             # imports for the GIL and hold back the VM's ioctls.
@@ -71,9 +77,10 @@ class VmPreparation:
         """(kvm, vm, the CPUID leaves this KVM supports)."""
         return self._vm_setup.take()
 
-    def take_images(self) -> tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]:
+    def take_images(self) -> tuple[LoadedElf | DecompressedBzImage | bytes, LoadedInitrd | bytes | None]:
         """(the kernel, the initrd or None): an ELF vmlinux and its initrd already in
-        guest RAM (LoadedElf, LoadedInitrd), a bzImage and its initrd as bytes."""
+        guest RAM (LoadedElf, LoadedInitrd); a bzImage (its payload maybe
+        decompressed already: DecompressedBzImage) and its initrd as bytes."""
         return self._images.take()
 
     def close(self) -> None:
@@ -206,7 +213,7 @@ class VmSetup(HelperThread["tuple[Kvm, Vm, list[CpuidEntry]]"]):
         kvm.close()
 
 
-class ImageReader(HelperThread["tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]"]):
+class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, LoadedInitrd | bytes | None]"]):
     """Loads the kernel and reads the initrd on a helper thread, started before
     the VM is built.
 
@@ -214,25 +221,46 @@ class ImageReader(HelperThread["tuple[LoadedElf | bytes, LoadedInitrd | bytes | 
     (load_elf_vmlinux_file: preadv() without the GIL, no ~15 MB copy in host
     memory); take() then returns its LoadedElf, and the initrd goes the same
     way to where the boot loader would put it (a LoadedInitrd). A bzImage is
-    returned as bytes, its initrd too: the boot loader parses (and may
-    decompress) it and places both. Failures surface from take() as the VmmError (unreadable
+    returned as bytes, its initrd too: the boot loader places both. With
+    `decompress_bzimage` (a host workaround on emulating hosts) its payload is
+    decompressed here, off the main thread (a DecompressedBzImage). Failures surface from take() as the VmmError (unreadable
     file) or BootError (bad ELF) they were. It keeps no reference to what
     take() handed over (a bzImage's bytes are garbage once in guest RAM).
     """
 
-    def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory):
+    def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory, *,
+                 decompress_bzimage: bool = False):
         self._paths = (kernel, initrd)
         self._memory = memory
+        self._decompress_bzimage = decompress_bzimage
         super().__init__("microvmm-images")
 
-    def _work(self) -> tuple[LoadedElf | bytes, LoadedInitrd | bytes | None]:
+    def _work(self) -> tuple[LoadedElf | DecompressedBzImage | bytes, LoadedInitrd | bytes | None]:
+        from microvmm.boot.elf import LoadedElf  # imported by load_kernel already
         kernel_path, initrd_path = self._paths
         kernel = load_kernel(kernel_path, self._memory)
-        if initrd_path is None:
-            return kernel, None
-        if isinstance(kernel, bytes):  # a bzImage: the boot loader places both
-            return kernel, read_file(initrd_path, "initrd")
-        return kernel, load_initrd(initrd_path, self._memory, kernel)
+        if isinstance(kernel, LoadedElf):
+            return kernel, load_initrd(initrd_path, self._memory, kernel) if initrd_path else None
+        # Not an ELF: the boot loader places it and its initrd.
+        if self._decompress_bzimage:
+            kernel = decompress_payload(kernel)
+        return kernel, read_file(initrd_path, "initrd") if initrd_path else None
+
+
+def decompress_payload(image: bytes) -> DecompressedBzImage | bytes:
+    """A bzImage with its payload decompressed (python-lz4 and zlib drop the GIL
+    while they decode), else the bytes as they are: not a bzImage (the boot
+    loader says what it is), or a payload format the host does not decode (the
+    boot loader says so and boots it through its own decompressor)."""
+    from microvmm.boot.bzimage import is_bzimage
+    if not is_bzimage(image):
+        return image
+    from microvmm.boot.errors import UnsupportedPayloadError
+    from microvmm.boot.payload import decompress_bzimage
+    try:
+        return decompress_bzimage(image, "kernel")
+    except UnsupportedPayloadError:
+        return image
 
 
 def load_initrd(path: Path, memory: GuestMemory, kernel: LoadedElf) -> LoadedInitrd:

@@ -168,6 +168,30 @@ def test_the_image_reader_hands_a_bzimage_and_its_initrd_over_as_bytes(tmp_path,
     assert memory.read(0x100_0000, 64) == bytes(64)  # the boot loader places it, not the reader
 
 
+def test_the_image_reader_decompresses_a_bzimage_payload_when_asked(tmp_path, memory):
+    from microvmm.boot import DecompressedBzImage, PayloadCorruptError
+    from tests.test_boot_payload import bzimage_with_payload, compress, kernel_elf
+    image = bzimage_with_payload(compress("lz4", kernel_elf()))
+    path = tmp_path / "bzImage"
+    path.write_bytes(image)
+
+    def read(decompress: bool):
+        reader = vmprep.ImageReader(path, None, memory, decompress_bzimage=decompress)
+        try:
+            return reader.take()[0]
+        finally:
+            reader.close()
+    kernel = read(True)
+    assert isinstance(kernel, DecompressedBzImage)
+    assert kernel.image == image and kernel.payload.elf == kernel_elf()
+    assert read(False) == image  # no workaround: the guest decompresses it
+    path.write_bytes(bzimage_with_payload(b"\x28\xb5\x2f\xfd" + bytes(64)))  # zstd: not decoded here
+    assert isinstance(read(True), bytes)  # the boot loader says why and boots it the usual way
+    path.write_bytes(bzimage_with_payload(compress("lz4", kernel_elf())[:-40] + bytes(4)))
+    with pytest.raises(PayloadCorruptError, match=r"^kernel: lz4 payload"):
+        read(True)
+
+
 def test_a_bad_elf_is_raised_by_take_as_the_boot_error_it_is(tmp_path, memory):
     elf = make_elf([(0x8000, b"x", 1)], entry=0x8000)  # below 1 MiB
     fds = _open_fds()
