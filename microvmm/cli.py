@@ -5,6 +5,8 @@ starts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 import os
 import re
@@ -249,55 +251,71 @@ def _ports_from_args(args: argparse.Namespace) -> list:
     return ports
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Start-up imports and builds tens of thousands of objects that live as
+    long as the process (modules, classes, functions) and makes hardly any
+    garbage: the cyclic collector would only trace them over and over (~1 ms
+    before the first KVM_RUN, issue 6). It is off until the VMM takes over."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first '--' is the guest command, verbatim.
-    command = None
-    if "--" in argv:
-        split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
-    args = parser.parse_args(argv)
-    args.command = command
-    if command is not None and args.command_name != "run":
-        parser.error("'-- CMD' only goes with 'run'")
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-        format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
-        stream=sys.stderr)
-    if args.command_name == "check-config":
-        from microvmm.kconfig_check import ConfigFileError, report
+    with _collector_paused():
+        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        # Everything after the first '--' is the guest command, verbatim.
+        command = None
+        if "--" in argv:
+            split = argv.index("--")
+            argv, command = argv[:split], argv[split + 1:]
+        args = parser.parse_args(argv)
+        args.command = command
+        if command is not None and args.command_name != "run":
+            parser.error("'-- CMD' only goes with 'run'")
+        logging.basicConfig(
+            level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+            format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
+            stream=sys.stderr)
+        if args.command_name == "check-config":
+            from microvmm.kconfig_check import ConfigFileError, report
+            try:
+                text, status = report(args.config)
+            except ConfigFileError as err:
+                print(f"microvmm: error: {err}", file=sys.stderr)
+                return ExitCode.USAGE
+            print(text)
+            return status
+        if args.command_name == "check-host":
+            from microvmm.hostinfo import detect_host_kind
+            kind, reason = detect_host_kind()
+            print(f"{kind.value}: {reason}")
+            return 0
         try:
-            text, status = report(args.config)
-        except ConfigFileError as err:
+            config = _config_from_args(args)
+        except UsageError as err:
             print(f"microvmm: error: {err}", file=sys.stderr)
             return ExitCode.USAGE
-        print(text)
-        return status
-    if args.command_name == "check-host":
-        from microvmm.hostinfo import detect_host_kind
-        kind, reason = detect_host_kind()
-        print(f"{kind.value}: {reason}")
-        return 0
-    try:
-        config = _config_from_args(args)
-    except UsageError as err:
-        print(f"microvmm: error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
-    # Guest RAM, the VM and the kernel are made on helper threads while the
-    # VMM's modules (cffi, the devices, the boot loaders) are imported: their
-    # ioctls and reads overlap the imports (start-up time, issue 6).
-    from microvmm.vmprep import VmmError, VmPreparation
-    try:
-        preparation = VmPreparation(config)
-    except VmmError:
-        preparation = None  # run_vm meets the same error and reports it the usual way
-    try:
-        from microvmm.vmm import run_vm
-    except BaseException:
-        if preparation is not None:
-            preparation.close()
-        raise
+        # Guest RAM, the VM and the kernel are made on helper threads while the
+        # VMM's modules (cffi, the devices, the boot loaders) are imported: their
+        # ioctls and reads overlap the imports (start-up time, issue 6).
+        from microvmm.vmprep import VmmError, VmPreparation
+        try:
+            preparation = VmPreparation(config)
+        except VmmError:
+            preparation = None  # run_vm meets the same error and reports it the usual way
+        try:
+            from microvmm.vmm import run_vm
+        except BaseException:
+            if preparation is not None:
+                preparation.close()
+            raise
     return run_vm(config, preparation)
 
 

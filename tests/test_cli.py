@@ -215,6 +215,33 @@ def test_serial_off_with_a_stdio_console_port_is_accepted(capsys, captured_confi
     assert [str(p) for p in config.ports] == ["@stdio:con"]
 
 
+def test_the_cyclic_collector_is_paused_for_start_up_only(capsys, monkeypatch, tmp_path, kernel):
+    """main() turns the collector off while it parses and imports (start-up time)
+    and back on before the VMM runs, and after a usage error too."""
+    import gc
+    seen = []
+
+    def fake_run_vm(config, preparation=None):
+        if preparation is not None:
+            preparation.close()
+        seen.append(gc.isenabled())
+        return 0
+
+    def fake_config(args):
+        seen.append(gc.isenabled())
+        return real_config(args)
+    real_config = cli._config_from_args
+    monkeypatch.setattr(microvmm.vmm, "run_vm", fake_run_vm)
+    monkeypatch.setattr(cli, "_config_from_args", fake_config)
+    monkeypatch.setenv("MICROVMM_IMAGES", str(tmp_path / "no-images"))
+    assert gc.isenabled()
+    status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--initrd", "none"])
+    assert status == 0, err
+    assert seen == [False, True] and gc.isenabled()
+    assert_usage_error(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", "--cpus", "0"], "--cpus")
+    assert gc.isenabled()
+
+
 def test_guest_command_after_dashdash(capsys, no_vm, kernel):
     assert_usage_error(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", "--"], "--")
 
