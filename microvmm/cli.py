@@ -252,22 +252,32 @@ def _ports_from_args(args: argparse.Namespace) -> list:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def _collector_paused(freeze: bool):
     """Start-up imports and builds tens of thousands of objects that live as
     long as the process (modules, classes, functions) and makes hardly any
-    garbage: the cyclic collector would only trace them over and over (~1 ms
-    before the first KVM_RUN, issue 6). It is off until the VMM takes over."""
+    garbage: the cyclic collector would only trace them over and over. It is
+    off until the VMM takes over (issue 6: time to the first KVM_RUN).
+
+    With `freeze` (main() is the process's entry point) what start-up built
+    is then frozen (gc.freeze): turned back on, the collector would otherwise
+    trace all of it at once in its first pass (~2 ms, just before the guest
+    starts), and every later full pass of the running VMM would too.
+    """
     collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if collecting:
+            if freeze:
+                gc.freeze()
             gc.enable()
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _collector_paused():
+    # main() without arguments is the `microvmm` command itself: its start-up
+    # objects live as long as the process.
+    with _collector_paused(freeze=argv is None):
         parser = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
         # Everything after the first '--' is the guest command, verbatim.

@@ -235,11 +235,34 @@ def test_the_cyclic_collector_is_paused_for_start_up_only(capsys, monkeypatch, t
     monkeypatch.setattr(cli, "_config_from_args", fake_config)
     monkeypatch.setenv("MICROVMM_IMAGES", str(tmp_path / "no-images"))
     assert gc.isenabled()
+    frozen = gc.get_freeze_count()
     status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--initrd", "none"])
     assert status == 0, err
     assert seen == [False, True] and gc.isenabled()
+    assert gc.get_freeze_count() == frozen  # called with an argv: nothing frozen
     assert_usage_error(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", "--cpus", "0"], "--cpus")
     assert gc.isenabled()
+
+
+def test_the_microvmm_command_freezes_what_start_up_built(kernel):
+    """As the process's entry point (no argv), main() freezes the objects start-up
+    built before it turns the collector back on for the VMM."""
+    code = ("import gc, sys\n"
+            "import microvmm.vmm\n"
+            "def fake_run_vm(config, preparation=None):\n"
+            "    if preparation is not None:\n"
+            "        preparation.close()\n"
+            "    print('frozen', gc.get_freeze_count(), gc.isenabled())\n"
+            "    return 0\n"
+            "microvmm.vmm.run_vm = fake_run_vm\n"
+            "from microvmm import cli\n"
+            f"sys.argv = ['microvmm', 'run', '--kernel', {str(kernel)!r}, '--initrd', 'none']\n"
+            "sys.exit(cli.main())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    _, count, enabled = proc.stdout.split()
+    assert int(count) > 10_000 and enabled == "True"
 
 
 def test_guest_command_after_dashdash(capsys, no_vm, kernel):
