@@ -1,11 +1,12 @@
 """Preparing a VM on helper threads while the VMM is still being imported.
 
 As soon as the configuration is known (issue 6: time to the first KVM_RUN),
-guest RAM is mapped and two helper threads start: one loads the kernel into
-it and reads the initrd, the other creates the VM (its in-kernel irqchip and
-PIT), registers that RAM and asks for KVM's CPUID leaves. Their preadv()s
-and ioctl()s drop the GIL, so they overlap the main thread's imports of the
-VMM, the devices and the boot loaders. This module imports little itself
+guest RAM is mapped and two helper threads start: one reads an ELF kernel
+and its initrd into that RAM (or a bzImage's bytes, its payload decompressed
+on an emulating host), the other creates the VM (its in-kernel irqchip and
+PIT), registers that RAM and asks for KVM's CPUID leaves. Their preadv()s,
+decoders and ioctl()s drop the GIL, so they overlap the main thread's imports
+of the VMM, the devices and the boot loaders. This module imports little itself
 (the CLI imports it before the VMM); the KVM bindings are imported when a
 preparation starts.
 """
@@ -153,7 +154,7 @@ class HelperThread(Generic[T]):
 class VmSetup(HelperThread["tuple[Kvm, Vm, list[CpuidEntry]]"]):
     """Opens /dev/kvm and creates the VM (in-kernel irqchip and PIT) and
     registers the guest RAM it is given, and asks KVM which CPUID leaves it
-    supports, on a helper thread started as the run begins.
+    supports, on a helper thread (started by VmPreparation).
 
     Registering guest RAM alone takes ~8 ms of ioctl time on this project's
     emulating host, which the GIL does not cover: the main thread imports the
@@ -223,9 +224,10 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
     way to where the boot loader would put it (a LoadedInitrd). A bzImage is
     returned as bytes, its initrd too: the boot loader places both. With
     `decompress_bzimage` (a host workaround on emulating hosts) its payload is
-    decompressed here, off the main thread (a DecompressedBzImage). Failures surface from take() as the VmmError (unreadable
-    file) or BootError (bad ELF) they were. It keeps no reference to what
-    take() handed over (a bzImage's bytes are garbage once in guest RAM).
+    decompressed here, off the main thread (a DecompressedBzImage). Failures
+    surface from take() as the VmmError (unreadable file) or BootError (bad
+    ELF, initrd or payload) they were. It keeps no reference to what take()
+    handed over (a bzImage's bytes are garbage once in guest RAM).
     """
 
     def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory, *,
@@ -248,8 +250,8 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
 
 
 def decompress_payload(image: bytes) -> DecompressedBzImage | bytes:
-    """A bzImage with its payload decompressed (python-lz4 and zlib drop the GIL
-    while they decode), else the bytes as they are: not a bzImage (the boot
+    """A bzImage with its payload decompressed (the decoders, python-lz4, zlib,
+    lzma and bz2, drop the GIL while they work), else the bytes as they are: not a bzImage (the boot
     loader says what it is), or a payload format the host does not decode (the
     boot loader says so and boots it through its own decompressor)."""
     from microvmm.boot.bzimage import is_bzimage
