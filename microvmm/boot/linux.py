@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import NamedTuple
 
 from . import layout
@@ -52,7 +51,8 @@ class BootInfo(NamedTuple):
     payload_fallback_reason: str | None = None
 
 
-def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf | DecompressedBzImage, cmdline: str | bytes,
+def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf | DecompressedBzImage,
+                     cmdline: str | bytes,
                      initrd: bytes | memoryview | LoadedInitrd | None = None, num_cpus: int = 1,
                      pci_irqs: list[PciIrq] | tuple[PciIrq, ...] = (), *,
                      kernel_source: str = "kernel",
@@ -67,8 +67,9 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf | DecompressedB
     of an ELF vmlinux already in `mem` (load_elf_vmlinux_file reads one there
     straight from its file), or a DecompressedBzImage (payload.decompress_bzimage:
     a bzImage whose payload the caller decompressed already; it boots as its
-    ELF, as with bzimage_payload_as_elf below). `initrd` likewise: its bytes, or the LoadedInitrd
-    load_initrd_file put in `mem` (it must be where this would put it).
+    ELF, as with bzimage_payload_as_elf below). `initrd` likewise: its bytes,
+    or the LoadedInitrd load_initrd_file put in `mem` (it must be where this
+    would put it).
     `kernel_source` names the kernel file in errors.
     `rng_seed` (RNG_SEED_SIZE random bytes from the caller, which owns the
     randomness so that this stays a pure function) goes to the kernel as a
@@ -94,20 +95,22 @@ def setup_linux_boot(mem, kernel: bytes | memoryview | LoadedElf | DecompressedB
     payload_elf_size = 0
     payload_seconds = 0.0
     fallback_reason: str | None = None
+    if preloaded is not None:
+        kernel_format = KernelFormat.ELF
+    elif isinstance(kernel, DecompressedBzImage):  # its payload decompressed by the caller
+        kernel_format = KernelFormat.BZIMAGE
+    else:
+        kernel_format = detect_kernel_format(kernel, kernel_source)
+        if kernel_format is KernelFormat.BZIMAGE and bzimage_payload_as_elf:
+            from .payload import decompress_bzimage  # deferred: bzImages on emulating hosts only
+            try:
+                kernel = decompress_bzimage(kernel, kernel_source)
+            except UnsupportedPayloadError as err:
+                fallback_reason = str(err)
+                logger.info("%s; booting the bzImage through its own decompressor", err)
     payload = None
-    if isinstance(kernel, DecompressedBzImage):  # its payload decompressed by the caller
+    if isinstance(kernel, DecompressedBzImage):  # decompressed by the caller or just above
         kernel, payload, payload_seconds = kernel
-    kernel_format = (KernelFormat.ELF if preloaded is not None
-                     else detect_kernel_format(kernel, kernel_source))
-    if kernel_format is KernelFormat.BZIMAGE and bzimage_payload_as_elf and payload is None:
-        from .payload import decompress_bzimage_payload  # deferred: bzImages on emulating hosts only
-        started = time.perf_counter()
-        try:
-            payload = decompress_bzimage_payload(kernel, kernel_source)
-        except UnsupportedPayloadError as err:
-            fallback_reason = str(err)
-            logger.info("%s; booting the bzImage through its own decompressor", err)
-        payload_seconds = time.perf_counter() - started
     if payload is not None:
         header, raw_header = parse_setup_header(kernel, kernel_source), raw_setup_header(kernel)
         elf = load_elf_vmlinux(mem, payload.elf, f"{kernel_source} ({payload.format.value} payload)")

@@ -43,6 +43,7 @@ from typing import Protocol
 
 from . import layout
 from .bzimage import DecompressedBzImage, SetupHeader, parse_setup_header
+from .elf import ELF_MAGIC
 from .errors import (PayloadCorruptError, PayloadLocationError, PayloadNotElfError,
                      PayloadTooLargeError, UnsupportedPayloadError)
 
@@ -58,7 +59,6 @@ LZ4_LEGACY_MAGIC = 0x184C2102
 #: Uncompressed size of every block of the LZ4 legacy frame but the last.
 LZ4_LEGACY_BLOCK_SIZE = 8 * layout.MiB
 SIZE_APPEND_BYTES = 4  # scripts/Makefile.lib size_append
-ELF_MAGIC = b"\x7fELF"
 
 
 class PayloadFormat(str, enum.Enum):
