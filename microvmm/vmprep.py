@@ -282,14 +282,10 @@ def load_kernel(path: Path, memory: GuestMemory) -> LoadedElf | bytes:
     """An ELF vmlinux loaded into `memory`, else the kernel file's bytes."""
     from microvmm.boot.elf import ELF_MAGIC, load_elf_vmlinux_file
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with open(path, "rb") as kernel:
+            if kernel.read(len(ELF_MAGIC)) == ELF_MAGIC:
+                return load_elf_vmlinux_file(memory, kernel.fileno(), "kernel")
+            kernel.seek(0)
+            return kernel.read()
     except OSError as err:
         raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
-    try:
-        if os.pread(fd, len(ELF_MAGIC), 0) == ELF_MAGIC:
-            return load_elf_vmlinux_file(memory, fd, "kernel")
-    except OSError as err:
-        raise VmmError(f"cannot read kernel {path}: {err.strerror}") from err
-    finally:
-        os.close(fd)
-    return read_file(path, "kernel")
