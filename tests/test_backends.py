@@ -78,14 +78,6 @@ class Recorder:
             return bytes(self.received)
 
 
-@pytest.fixture
-def loop():
-    event_loop = EventLoop()
-    event_loop.start()
-    yield event_loop
-    event_loop.close()
-
-
 def attach(loop, backend, read=True) -> Recorder:
     recorder = Recorder(loop, backend)
 

@@ -8,7 +8,6 @@ import socket
 
 import pytest
 
-from microvmm.eventloop import EventLoop
 from microvmm.virtio_console.backends import (
     CaptureBackend, FdSinkBackend, FileBackend, PtyBackend, SocketServerBackend,
 )
@@ -19,27 +18,25 @@ BUFFERS = [b"first ", memoryview(b"second "), b"", b"third\n"]
 JOINED = b"first second third\n"
 
 
-@pytest.fixture
-def loop():
-    event_loop = EventLoop()
-    event_loop.start()
-    yield event_loop
-    event_loop.close()
-
-
 def attach(loop, backend) -> Recorder:
     recorder = Recorder(loop, backend)
     run_on_loop(loop, lambda: backend.attach(loop, recorder))
     return recorder
 
 
-def test_socket_sends_all_buffers_in_one_sendmsg(loop, tmp_path):
+def connected_server(loop, tmp_path) -> tuple[SocketServerBackend, socket.socket]:
+    """A listening socket backend on the loop, and the peer connected to it."""
     path = str(tmp_path / "s.sock")
     backend = SocketServerBackend("s", path, monitor_interval=0.01)
     attach(loop, backend)
     peer = socket.socket(socket.AF_UNIX)
     peer.connect(path)
     assert wait_for(lambda: backend.connected)
+    return backend, peer
+
+
+def test_socket_sends_all_buffers_in_one_sendmsg(loop, tmp_path):
+    backend, peer = connected_server(loop, tmp_path)
     calls = []
     conn = backend._conn
     real_sendmsg = conn.sendmsg
@@ -61,12 +58,7 @@ def test_socket_sends_all_buffers_in_one_sendmsg(loop, tmp_path):
 
 
 def test_socket_short_write_counts_exactly_what_the_peer_gets(loop, tmp_path):
-    path = str(tmp_path / "s.sock")
-    backend = SocketServerBackend("s", path, monitor_interval=0.01)
-    attach(loop, backend)
-    peer = socket.socket(socket.AF_UNIX)
-    peer.connect(path)
-    assert wait_for(lambda: backend.connected)
+    backend, peer = connected_server(loop, tmp_path)
     chunk = 64 * 1024
     buffers = [os.urandom(chunk) for _ in range(64)]  # 4 MiB: more than the socket holds
     taken = run_on_loop(loop, lambda: backend.write_vectored(buffers))

@@ -22,14 +22,6 @@ def wait_for(predicate, timeout: float = 3.0) -> bool:
     return predicate()
 
 
-@pytest.fixture
-def loop():
-    event_loop = EventLoop()
-    event_loop.start()
-    yield event_loop
-    event_loop.close()
-
-
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import time
 from pathlib import Path
 
@@ -20,10 +19,12 @@ import pytest
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
 from microvmm.exitcodes import ExitCode
 from microvmm.hostinfo import HostKind, host_quirks
-from microvmm.kvm import Kvm, KvmUnavailableError, Regs
+from microvmm.kvm import Regs
 from microvmm.memory import GuestMemory
-from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
+from microvmm.vcpu_runner import DeviceGate, StopReason, VcpuRunner, VcpuStop
 from tests.e2e_support import IMAGES
+
+pytestmark = pytest.mark.usefixtures("kick_handler")  # conftest.py: vCPUs get kicked
 
 RAM_SIZE = 0x4000
 CODE = 0x1000
@@ -45,23 +46,6 @@ class RecordingPorts:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.accesses.append(("w", offset, size, value))
-
-
-@pytest.fixture(scope="module")
-def kvm():
-    try:
-        k = Kvm()
-    except KvmUnavailableError as exc:
-        pytest.skip(f"/dev/kvm not usable: {exc}")
-    yield k
-    k.close()
-
-
-@pytest.fixture(autouse=True)
-def kick_handler():
-    previous = signal.signal(KICK_SIGNAL, lambda *_: None)
-    yield
-    signal.signal(KICK_SIGNAL, previous)
 
 
 @pytest.fixture

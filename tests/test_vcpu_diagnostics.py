@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import signal
 import threading
 import time
 
@@ -21,9 +20,11 @@ import pytest
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
 from microvmm.diag.report import format_snapshot
 from microvmm.hostinfo import HostKind, host_quirks
-from microvmm.kvm import ExitReason, IoDirection, IoExit, Kvm, KvmUnavailableError, Regs
+from microvmm.kvm import ExitReason, IoDirection, IoExit, Kvm, Regs
 from microvmm.memory import GuestMemory
-from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
+from microvmm.vcpu_runner import StopReason, VcpuRunner, VcpuStop
+
+pytestmark = pytest.mark.usefixtures("kick_handler")  # conftest.py: vCPUs get kicked
 
 RAM_SIZE = 0x4000
 CODE = 0x1000
@@ -51,25 +52,6 @@ class RecordingDevice:
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
             self.accesses.append(("w", offset, size, value))
-
-
-@pytest.fixture(scope="module")
-def kvm():
-    try:
-        k = Kvm()
-    except KvmUnavailableError as exc:
-        pytest.skip(f"/dev/kvm not usable: {exc}")
-    yield k
-    k.close()
-
-
-@pytest.fixture(autouse=True)
-def kick_handler():
-    """The VMM installs a no-op handler for the kick signal; so do we (the
-    default action of SIGUSR2 would end the process)."""
-    previous = signal.signal(KICK_SIGNAL, lambda *_: None)
-    yield
-    signal.signal(KICK_SIGNAL, previous)
 
 
 class Guest:
