@@ -312,7 +312,7 @@ class VirtQueue:
         mask = size - 1
         unpack_u16 = _U16.unpack_from
         unpack_desc = _DESC.unpack_from
-        view_of = self.memory.view
+        buffer_of = self._buffer  # the same checks as every other descriptor
         start = self.last_avail_idx
         heads: list[int] = []
         lengths: list[int] = []
@@ -327,12 +327,7 @@ class VirtQueue:
                     addr, length, flags, _ = unpack_desc(desc, DESC_SIZE * head)
                     if not flags & (_F_NEXT | _F_INDIRECT | _F_WRITE):
                         # One readable descriptor: what a console write is.
-                        if addr + length > 0xFFFFFFFFFFFFFFFF:
-                            raise VirtQueueError(f"descriptor {addr:#x}+{length:#x} wraps the address space")
-                        try:
-                            append_view(view_of(addr, length))
-                        except GuestMemoryError as exc:
-                            raise VirtQueueError(f"descriptor buffer outside guest RAM: {exc}") from exc
+                        append_view(buffer_of(addr, length))
                         heads.append(head)
                         lengths.append(length)
                         total += length
