@@ -336,14 +336,10 @@ class VirtioConsole(VirtioDevice):
 
     # ---- guest -> host data ----------------------------------------------------------
 
-    def _write_out(self, port: Port, data: bytes | memoryview) -> int:
-        written = port.backend.write(data)
-        port.to_host_bytes += written
-        if written and self.output_tap is not None:
-            self.output_tap(port.spec.name, bytes(data[:written]))
-        return written
+    def _write_out(self, port: Port, data: bytes | bytearray | memoryview) -> int:
+        return self._write_out_vectored(port, [data])
 
-    def _write_out_vectored(self, port: Port, views: list[memoryview]) -> int:
+    def _write_out_vectored(self, port: Port, views: list[bytes | bytearray | memoryview]) -> int:
         """Hand `views` to the backend in as few calls as it allows; bytes taken."""
         backend = port.backend
         if len(views) <= MAX_IOV:
