@@ -5,6 +5,8 @@ Nothing here touches KVM: functions write guest memory and return dataclasses
 Most callers need only setup_linux_boot() and vcpu_cpuid().
 """
 
+from microvmm.lazyexports import lazy_exports
+
 from .errors import (BootError, BzImageError, CmdlineError, ElfError, InitrdError,
                      KernelFormatError, MpTableError, PayloadCorruptError, PayloadError,
                      PayloadLocationError, PayloadNotElfError, PayloadTooLargeError,
@@ -31,18 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    submodule = _LAZY.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

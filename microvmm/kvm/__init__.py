@@ -36,22 +36,11 @@ from microvmm.kvm.vcpu import (
     Vcpu,
 )
 from microvmm.kvm.vm import IrqchipRoute, MsiRoute, Vm
+from microvmm.lazyexports import lazy_exports
 
 #: Loaded on first use (PEP 562): no guest needs them before it runs (issue 6).
-_EVENT_NAMES = ("ExceptionEvent", "InterruptEvent", "NmiEvent", "SmiEvent", "VcpuEvents")
-
-
-def __getattr__(name: str):
-    if name not in _EVENT_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from microvmm.kvm import events
-    value = getattr(events, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EVENT_NAMES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {
+    name: "events" for name in ("ExceptionEvent", "InterruptEvent", "NmiEvent", "SmiEvent", "VcpuEvents")})
 
 
 __all__ = [

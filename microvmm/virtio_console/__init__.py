@@ -7,8 +7,9 @@ without ports should not pay for importing the device, its backends and socket.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from microvmm.lazyexports import lazy_exports
 
 if TYPE_CHECKING:
     from microvmm.virtio_console.backends import BackendError, PortBackend, TerminalSize, create_backend
@@ -30,14 +31,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    submodule = _EXPORTS.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
