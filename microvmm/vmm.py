@@ -353,10 +353,11 @@ class Vmm:
                                "pci-mmio")
         if self._wants_console():
             self._attach_console(pci)
-        assigned = [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi) for a in pci.pci_irq_assignments()]
-        if assigned != self._planned_pci_irqs():  # the guest's MP table already says _planned_pci_irqs
-            raise VmmError(f"PCI interrupt routing {assigned} differs from the MP table's "
-                           f"{self._planned_pci_irqs()}")
+        assigned = [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
+                    for a in pci.pci_irq_assignments()]
+        planned = self._planned_pci_irqs()  # what the guest's MP table already says
+        if assigned != planned:
+            raise VmmError(f"PCI interrupt routing {assigned} differs from the MP table's {planned}")
 
     def _attach_console(self, pci) -> None:
         """The virtio-console function: queue kicks via ioeventfd, interrupts via irqfd."""
