@@ -23,16 +23,37 @@ class HostKind(enum.Enum):
 
 
 # CPU features whose instructions the emulating host cannot execute in guest
-# kernel mode, hidden from Linux so it never patches them in. erms and fsrm
-# are deliberately NOT here: without them Linux's memmove uses an unrolled
-# loop that this host mis-executes (it overran its buffer and corrupted the
-# direct-map page tables), while `rep movsb` works.
-EMULATING_HOST_CLEARCPUID = (
-    "xsave,xsaveopt,xsavec,xsaves,smap,smep,fsgsbase,pcid,invpcid,rdpid,umip,pku,"
-    "popcnt,rdrand,rdseed,bmi1,bmi2,adx,movbe,abm,clflushopt,clwb,avx,avx2,fma,f16c,"
-    "aes,pclmulqdq,sha_ni,sse4_1,sse4_2,ssse3,pni,misalignsse,3dnowprefetch,cx16,"
-    "x2apic,pdpe1gb"
+# kernel mode, hidden from Linux so it never patches them in: (the name
+# /proc/cpuinfo shows, Linux's X86_FEATURE number = 32 * word + bit from
+# arch/x86/include/asm/cpufeatures.h). The kernel reads clearcpuid= into a
+# 128-byte buffer (cpu_parse_early_param, Linux 6.1) and honours only the last
+# clearcpuid= given, so the names (~300 characters) were cut off at "clflus"
+# and every later feature stayed visible. Bit numbers (accepted by every Linux
+# that has clearcpuid) fit; the words they index hold CPUID registers and do
+# not move between kernel versions. The kernel logs them by name
+# ("Clearing CPUID bits: pni pclmulqdq ...").
+#
+# erms and fsrm are deliberately NOT here: without them Linux's memmove uses
+# an unrolled loop that this host mis-executes (it overran its buffer and
+# corrupted the direct-map page tables), while `rep movsb` works.
+EMULATING_HOST_CLEARCPUID_FEATURES: tuple[tuple[str, int], ...] = (
+    ("pdpe1gb", 58), ("pni", 128), ("pclmulqdq", 129), ("ssse3", 137), ("cx16", 141),
+    ("pcid", 145), ("sse4_1", 147), ("sse4_2", 148), ("x2apic", 149), ("movbe", 150),
+    ("popcnt", 151), ("aes", 153), ("f16c", 157), ("rdrand", 158), ("abm", 197),
+    ("misalignsse", 199), ("3dnowprefetch", 200), ("fsgsbase", 288), ("bmi1", 291),
+    ("smep", 295), ("bmi2", 296), ("invpcid", 298), ("rdseed", 306), ("adx", 307),
+    ("smap", 308), ("clflushopt", 311), ("clwb", 312), ("sha_ni", 317), ("umip", 514),
+    ("rdpid", 534),
 )
+# `noxsave` clears XSAVE and with it (arch/x86/kernel/cpu/cpuid-deps.c) every
+# feature that depends on it: these need no clearcpuid= entry.
+NOXSAVE_HIDES = ("xsave", "xsaveopt", "xsavec", "xsaves", "avx", "avx2", "fma", "pku")
+#: Every feature the workarounds hide from an emulating host's guest.
+EMULATING_HOST_HIDDEN_FEATURES = tuple(sorted(
+    NOXSAVE_HIDES + tuple(name for name, _ in EMULATING_HOST_CLEARCPUID_FEATURES)))
+EMULATING_HOST_CLEARCPUID = ",".join(str(bit) for _, bit in EMULATING_HOST_CLEARCPUID_FEATURES)
+#: Linux copies clearcpuid's value into `char arg[128]`: longer values are cut.
+CLEARCPUID_MAX_LENGTH = 127
 
 
 @dataclass(frozen=True)

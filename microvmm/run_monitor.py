@@ -46,6 +46,12 @@ _FAILURE_WORDS = (b"panic", b"Oops", b"BUG: ", b"protection fault", b"KASAN: ", 
                   b"KFENCE: ", b"UBSAN: ", b"Unable to handle", b"WARNING: ")
 _BOOT_WORDS = (b"init reached", b" as init process")
 
+# What Linux prints (kernel/reboot.c, pr_fmt "reboot: ") right before it halts
+# the CPUs or calls the platform's power-off: the VMM then checks that the
+# vCPUs really stopped (a user can type these words too).
+KERNEL_STOP_LINE = re.compile(rb"reboot: (System halted|Power down)")
+_KERNEL_STOP_WORD = b"reboot: "
+
 
 def _has_any(chunk: bytes, words: tuple[bytes, ...]) -> bool:
     return any(word in chunk for word in words)
@@ -74,6 +80,7 @@ class RunMonitor:
                  on_failure: Callable[[Failure], None] | None = None,
                  on_expect: Callable[[str], None] | None = None,
                  on_boot: Callable[[], None] | None = None,
+                 on_kernel_stop: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self.started = clock()
@@ -88,6 +95,8 @@ class RunMonitor:
         self._on_failure = on_failure
         self._on_expect = on_expect
         self._on_boot = on_boot
+        #: Called with "System halted" or "Power down" (see KERNEL_STOP_LINE).
+        self._on_kernel_stop = on_kernel_stop
         self.failures: list[Failure] = []
         self.boot_time: float | None = None
         self.expect_time: float | None = None
@@ -134,6 +143,10 @@ class RunMonitor:
         if _has_any(chunk, _FAILURE_WORDS):
             for line in lines:
                 self._failure_line(port, line, at, events)
+        if self._on_kernel_stop is not None and _KERNEL_STOP_WORD in chunk:
+            for line in lines:
+                if match := KERNEL_STOP_LINE.search(line):
+                    events.append(lambda what=match.group(1).decode(): self._on_kernel_stop(what))
         if (self.boot_time is None and _has_any(chunk, _BOOT_WORDS)) or \
                 (self._expect is not None and self.expect_time is None):
             for line in lines:

@@ -16,7 +16,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from microvmm.kvm import ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, SystemEvent
+from microvmm.kvm import (ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, MpState,
+                          SystemEvent)
 from microvmm.osthread import set_os_thread_name
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ _BP_VECTOR = 3
 _INT3 = 0xCC
 _FWAIT = 0x9B
 _PAGE = 4096
+_RFLAGS_IF = 1 << 9
 
 
 def _exit_name(reason: int) -> str:
@@ -43,6 +45,8 @@ def _exit_name(reason: int) -> str:
 
 class StopReason(enum.Enum):
     RESET = "the guest requested a reset (reboot)"
+    POWER_OFF = "the guest powered off"
+    HALTED = "the guest halted"
     SHUTDOWN = "the guest shut down"
     TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"
     EMULATION_FAILURE = "instruction emulation failed"
@@ -150,6 +154,13 @@ class VcpuRunner:
         """(RIP, in user mode) between two KVM_RUNs: one KVM_GET_REGS, for sampling."""
         return self._ask("rip", timeout)
 
+    def request_halted_for_good(self, timeout: float = 1.0) -> bool | None:
+        """Whether the vCPU sits in HLT with interrupts off (KVM_GET_MP_STATE
+        HALTED, RFLAGS.IF clear): only an NMI or INIT would wake it, which is
+        how Linux leaves a CPU it has halted or powered off
+        (stop_this_cpu). None: the vCPU thread did not answer."""
+        return self._ask("halted", timeout)
+
     def _ask(self, what: str, timeout: float):
         if not self.thread.is_alive():
             return None
@@ -251,8 +262,18 @@ class VcpuRunner:
                 # Linux keeps the kernel in the upper canonical half: a lower-half
                 # RIP is user mode (saves a KVM_GET_SREGS per sample).
                 answer.put((regs.rip, regs.rip < 0x8000_0000_0000_0000))
+            elif what == "halted":
+                answer.put(self._halted_for_good())
             else:
                 answer.put(self._safe_snapshot())
+
+    def _halted_for_good(self) -> bool:
+        try:
+            halted = self.vcpu.get_mp_state() == MpState.HALTED
+            return halted and not self.vcpu.get_regs().rflags & _RFLAGS_IF
+        except OSError as err:
+            logger.debug("vCPU %d: halt state: %s", self.index, err)
+            return False
 
     def _handle_rare_exit(self, reason: int) -> bool:
         """Handle an exit that is not I/O; False ends this vCPU (and the VM)."""

@@ -44,6 +44,10 @@ MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
 #: Set to "1" to stop right at the first KVM_RUN (startup benchmark; see _exit_at_first_run).
 EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
+#: After the kernel's "reboot: System halted"/"Power down" line, how long its
+#: vCPUs get to reach their final HLT, and how often they are looked at.
+HALT_CONFIRM_SECONDS = 3.0
+HALT_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -107,7 +111,8 @@ class Vmm:
             log=self._log_file, fail_on=config.fail_on,
             expect=re.compile(config.expect.encode()) if config.expect else None,
             expect_port=config.expect_port, on_failure=self._guest_failed,
-            on_expect=self._expected_output)
+            on_expect=self._expected_output, on_kernel_stop=self._kernel_stopping)
+        self._halt_check: threading.Thread | None = None
         self._failure: Failure | None = None
         self._timeout_kind: str | None = None
         self._expect_seen = False
@@ -587,8 +592,45 @@ class Vmm:
     def _vcpu_stopped(self, stop: VcpuStop) -> None:
         self._request_stop(stop)
 
+    def _guest_ended(self, reason: StopReason, detail: str) -> None:
+        """The guest ended itself: a reset (i8042, reboot=k), a power-off or a
+        final halt. All of them end the run with status 0."""
+        self._request_stop(VcpuStop(reason, detail, fatal=False))
+
     def _reset_requested(self) -> None:
-        self._request_stop(VcpuStop(StopReason.RESET, "i8042 reset", fatal=False))
+        self._guest_ended(StopReason.RESET, "i8042 reset")
+
+    def _kernel_stopping(self, what: str) -> None:
+        """The console showed Linux's "reboot: System halted" or "reboot:
+        Power down". A kernel without a power-off method (no ACPI: the default
+        guest) then halts every CPU with interrupts off and never exits to
+        the VMM (the in-kernel irqchip handles HLT): look at the vCPUs, off
+        this (console) thread, and end the run if they all stopped for good.
+        The same words typed in a shell leave the vCPUs running: nothing happens."""
+        with self._stop_lock:
+            if self._stop is not None or (self._halt_check is not None and self._halt_check.is_alive()):
+                return
+            self._halt_check = threading.Thread(target=self._confirm_halt, args=(what,),
+                                                name="microvmm-halt-check", daemon=True)
+        self._halt_check.start()
+
+    def _confirm_halt(self, what: str) -> None:
+        deadline = time.monotonic() + HALT_CONFIRM_SECONDS
+        halted_in_a_row = 0
+        while not self._stopped.is_set() and time.monotonic() < deadline:
+            if all(runner.request_halted_for_good() for runner in self.runners):
+                halted_in_a_row += 1
+                if halted_in_a_row == 2:  # still so a moment later: stopped for good
+                    reason = StopReason.POWER_OFF if what == "Power down" else StopReason.HALTED
+                    self._guest_ended(reason, f"kernel: 'reboot: {what}', every vCPU halted with "
+                                              "interrupts off")
+                    return
+            else:
+                halted_in_a_row = 0
+            time.sleep(HALT_POLL_SECONDS)
+        if not self._stopped.is_set():
+            logger.info("the console showed 'reboot: %s' but the vCPUs kept running "
+                        "(typed text, or a kernel without a power-off method): the VM goes on", what)
 
     def _guest_failed(self, failure: Failure) -> None:
         if self._failure is None or failure.level > self._failure.level:
@@ -664,7 +706,8 @@ class Vmm:
                                  f"guest stopped after {elapsed:.1f} s without reporting the command's status",
                                  report=lines_report)
             return VmOutcome(status, f"command exited with status {status} after {elapsed:.1f} s")
-        return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value} after {elapsed:.1f} s")
+        how = f" ({stop.detail})" if stop.reason in (StopReason.POWER_OFF, StopReason.HALTED) else ""
+        return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value}{how} after {elapsed:.1f} s")
 
     # -- serial console wiring ------------------------------------------------
 
