@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ from microvmm.exitcodes import HELP_TEXT, ExitCode
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 DEFAULT_MEM = "64M"
 
-_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+)(?:([KMG])(i?B)?)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -28,11 +29,32 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '131072K' -> bytes; a bare number means MiB (like QEMU's -m)."""
+    """'64M', '64MiB', '64MB', '1G', '131072K' -> bytes (K/M/G are binary:
+    1024-based, with or without iB/B); a bare number means MiB (like QEMU's -m).
+    A B right after the number ('64B', '64iB') is refused, not read as MiB:
+    sizes in bytes are far below any usable guest RAM."""
     match = _SIZE_RE.match(text.strip())
     if not match:
-        raise UsageError(f"--mem {text!r}: expected a size such as 64M or 1G")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+        if re.match(r"^\d+B$", text.strip(), re.IGNORECASE):
+            raise UsageError(f"--mem {text!r}: a size in bytes is too small for a guest; "
+                             "give K, M or G (e.g. 64M, 64MiB, 1G)")
+        raise UsageError(f"--mem {text!r}: expected a size such as 64M, 64MiB or 1G")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
+
+
+def package_version() -> str:
+    """microvmm's version: the installed package's metadata, else pyproject's."""
+    from importlib import metadata
+    try:
+        return metadata.version("microvmm")
+    except metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 def default_images_dir() -> Path:
@@ -65,6 +87,17 @@ SIGUSR1 (kill -USR1 PID) prints where every vCPU is: symbolized RIP, CR2, CR3, r
 """
 
 
+class _VersionAction(argparse.Action):
+    """--version: the package metadata is looked up only when asked (start-up time)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"microvmm {package_version()}")
+        parser.exit(0)
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse's own errors (bad int, unknown choice) as one line too, not a usage dump."""
 
@@ -77,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="microvmm", description="A KVM micro-VMM with an integrated virtio-console.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-vv for debug)")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print microvmm's version and exit")
     commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run", help="boot a Linux guest", description="Boot a Linux guest.",
@@ -181,14 +216,14 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError(f"--queue-size {args.queue_size}: must be a power of two from 2 to 32768")
     for option in ("timeout", "boot_timeout", "idle_timeout"):
         value = getattr(args, option)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be positive")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be a positive number of seconds")
     if args.seccomp != "off":
         from microvmm.seccomp import supported
         usable, why = supported()
         if not usable:
             raise UsageError(f"--seccomp {args.seccomp}: not available here: {why}")
-    if not 1 <= args.profile_rate <= 10000:
+    if not (math.isfinite(args.profile_rate) and 1 <= args.profile_rate <= 10000):
         raise UsageError(f"--profile-rate {args.profile_rate:g}: must be between 1 and 10000")
     if args.expect is not None:
         try:
@@ -221,6 +256,7 @@ def _config_from_args(args: argparse.Namespace):
         cmdline += " console=hvc0"
     if args.append:
         cmdline = f"{cmdline} {args.append}"
+    _check_cmdline_length(cmdline, args)
     return VmConfig(
         kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size,
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
@@ -233,6 +269,21 @@ def _config_from_args(args: argparse.Namespace):
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
         stats=args.stats, seccomp=args.seccomp,
     )
+
+
+def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
+    """The command line the kernel will get (with this host's workarounds and a
+    `-- CMD`) must fit Linux's limit: a longer one would be cut, not refused."""
+    from microvmm.hostinfo import detect_host_kind, host_quirks
+    from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
+    quirks = host_quirks(*detect_host_kind(), enabled=not args.no_host_workarounds)
+    full = kernel_cmdline(cmdline, quirks.cmdline_additions, args.command)
+    length = len(full.encode())
+    if length > KERNEL_CMDLINE_MAX:
+        parts = ["--cmdline/--append"] + (["the host workarounds"] if quirks.cmdline_additions else []) + \
+            (["the '-- CMD' command"] if args.command is not None else [])
+        raise UsageError(f"the kernel command line would be {length} bytes ({', '.join(parts)}), "
+                         f"more than Linux keeps ({KERNEL_CMDLINE_MAX}): shorten it")
 
 
 def _ports_from_args(args: argparse.Namespace) -> list:
@@ -303,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return status
         if args.command_name == "check-host":
-            from microvmm.hostinfo import detect_host_kind
+            from microvmm.hostinfo import check_kvm_device, detect_host_kind
             kind, reason = detect_host_kind()
+            device = check_kvm_device()
             print(f"{kind.value}: {reason}")
-            return 0
+            print(device.summary)
+            return 0 if device.usable else 1
         try:
             config = _config_from_args(args)
         except UsageError as err:

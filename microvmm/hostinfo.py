@@ -92,6 +92,35 @@ def detect_host_kind(sys_module: Path = Path("/sys/module"),
     return HostKind.HARDWARE, "hardware virtualization"
 
 
+@dataclass(frozen=True)
+class KvmDeviceStatus:
+    """Whether `microvmm run` could use the KVM device, as check-host reports it."""
+
+    path: str
+    usable: bool
+    detail: str
+    api_version: int | None = None
+
+    @property
+    def summary(self) -> str:
+        if self.usable:
+            return f"{self.path}: usable (KVM API version {self.api_version})"
+        return f"{self.path}: not usable: {self.detail}"
+
+
+def check_kvm_device(path: str = "/dev/kvm") -> KvmDeviceStatus:
+    """Open the device and ask its API version, exactly as a run starts."""
+    from microvmm.kvm import Kvm, KvmUnavailableError  # deferred: cffi
+    try:
+        kvm = Kvm(path)
+    except KvmUnavailableError as err:
+        return KvmDeviceStatus(path, False, f"{err.strerror}: {err.fix}")
+    try:
+        return KvmDeviceStatus(path, True, "opens read-write", kvm.api_version)
+    finally:
+        kvm.close()
+
+
 def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks:
     if kind is HostKind.HARDWARE or not enabled:
         return HostQuirks(kind, reason)

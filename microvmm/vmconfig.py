@@ -6,10 +6,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from microvmm.hostinfo import merge_cmdline
 from microvmm.run_monitor import FailureLevel
 
 if TYPE_CHECKING:
     from microvmm.virtio_console.spec import PortSpec
+
+
+# `-- CMD` runs: the command travels on the kernel command line (guest/README.md).
+COMMAND_PARAM = "microvmm.cmd"
+#: The longest command line x86 Linux keeps (COMMAND_LINE_SIZE 2048 with its
+#: NUL); a bzImage's setup header may say less (checked when it is loaded).
+KERNEL_CMDLINE_MAX = 2047
+
+
+def command_parameter(argv: list[str]) -> str:
+    """base64 of the shell-quoted command: no spaces or quotes on the command line."""
+    import base64  # deferred: only `-- CMD` runs need them (issue 6)
+    import shlex
+    return base64.b64encode(shlex.join(argv).encode()).decode()
+
+
+def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] | None) -> str:
+    """The command line the guest kernel gets: the user's, then the host
+    workarounds the user did not set, then a `-- CMD` run's command."""
+    if command is not None:
+        additions = (*additions, f"{COMMAND_PARAM}={command_parameter(command)}")
+    return merge_cmdline(cmdline, additions)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ output to the terminal).
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re
@@ -21,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
-from microvmm.hostinfo import HostKind, merge_cmdline
+from microvmm.hostinfo import HostKind
 from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
-from microvmm.vmconfig import VmConfig
+from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
 from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
@@ -58,6 +57,8 @@ class VmOutcome:
     summary: str
     report: str = ""
     stats: dict = field(default_factory=dict)
+    #: The VMM could not set the VM up (infrastructure, not the guest's doing).
+    setup_error: bool = False
 
 
 class _OutputSink:
@@ -102,7 +103,11 @@ class Vmm:
         self._closers: list = []
         self.runners: list[VcpuRunner] = []
         self._log_file = None
+        #: Files this run created (--log, --serial file:): removed again if
+        #: setup fails before anything was written to them.
+        self._created_files: list[str] = []
         if config.log:
+            self._note_creation(config.log)
             try:
                 self._log_file = open(config.log, "a", encoding="utf-8")
             except OSError as err:
@@ -113,6 +118,8 @@ class Vmm:
             expect_port=config.expect_port, on_failure=self._guest_failed,
             on_expect=self._expected_output, on_kernel_stop=self._kernel_stopping)
         self._halt_check: threading.Thread | None = None
+        #: Seconds since the monitor started when the first stop was asked for.
+        self.stopped_at: float | None = None
         self._failure: Failure | None = None
         self._timeout_kind: str | None = None
         self._expect_seen = False
@@ -124,6 +131,20 @@ class Vmm:
         self._serial_readable = None
 
     # -- lifecycle ------------------------------------------------------------
+
+    def _note_creation(self, path) -> None:
+        if not os.path.lexists(path):
+            self._created_files.append(os.fspath(path))
+
+    def remove_created_files(self) -> None:
+        """After a setup error: take away the (still empty) files this run created."""
+        for path in self._created_files:
+            try:
+                if os.stat(path, follow_symlinks=False).st_size == 0:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._created_files.clear()
 
     def run(self, preparation: VmPreparation | None = None) -> VmOutcome:
         """Run the VM to its end. `preparation` (VmPreparation(config), started
@@ -224,10 +245,7 @@ class Vmm:
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
 
         config = self.config
-        additions = quirks.cmdline_additions
-        if config.command is not None:
-            additions += (f"{COMMAND_PARAM}={command_parameter(config.command)}",)
-        cmdline = merge_cmdline(config.cmdline, additions)
+        cmdline = kernel_cmdline(config.cmdline, quirks.cmdline_additions, config.command)
         self.cmdline = cmdline
 
         # Built by the preparation's helper threads meanwhile; their errors
@@ -236,10 +254,6 @@ class Vmm:
         self.kvm, self.vm = kvm, vm
         self._closers.extend((kvm.close, vm.close))
         memory = self.memory
-
-        # Host resources named by the user fail here, before the guest runs.
-        self._serial_sink = self._open_serial_sink()
-        self._port_backends = self._open_port_backends()
 
         # An ELF vmlinux and its initrd are in guest RAM already; a bzImage comes as bytes.
         kernel, initrd = self._preparation.take_images()
@@ -250,6 +264,11 @@ class Vmm:
                                 rng_seed=os.urandom(RNG_SEED_SIZE),
                                 bzimage_payload_as_elf=quirks.decompress_bzimage_on_host)
         del kernel, initrd  # in guest RAM now; a bzImage's bytes go back
+        # Host resources named by the user (serial file, ptys, sockets) are
+        # opened once the kernel and initrd proved valid, and fail here,
+        # before the guest runs.
+        self._serial_sink = self._open_serial_sink()
+        self._port_backends = self._open_port_backends()
         self.boot = boot
         self._announce_payload_workaround(boot)
         self._gate = gate = DeviceGate()
@@ -585,6 +604,7 @@ class Vmm:
         with self._stop_lock:
             if self._stop is None:
                 self._stop = stop
+                self.stopped_at = self.monitor.elapsed()
         self._stopped.set()
         for runner in self.runners:
             runner.stop()
@@ -733,6 +753,7 @@ class Vmm:
         if serial.kind == "stdio":
             return _OutputSink(sys.stdout.fileno(), owned=False)
         if serial.kind == "file":
+            self._note_creation(serial.path)
             try:
                 fd = os.open(serial.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600)
@@ -831,18 +852,12 @@ class _PciBarWindow:
         self._write(self._base + offset, size, value)
 
 
-# `-- CMD` runs: the command travels on the kernel command line, its output
-# and status come back on three named console ports (guest/README.md).
-COMMAND_PARAM = "microvmm.cmd"
+# `-- CMD` runs: the command travels on the kernel command line
+# (vmconfig.COMMAND_PARAM), its output and status come back on three named
+# console ports (guest/README.md).
 COMMAND_STDOUT_PORT = "microvmm.stdout"
 COMMAND_STDERR_PORT = "microvmm.stderr"
 COMMAND_STATUS_PORT = "microvmm.status"
-
-
-def command_parameter(argv: list[str]) -> str:
-    """base64 of the shell-quoted command: no spaces or quotes on the command line."""
-    import shlex  # deferred: only `-- CMD` runs need it (issue 6)
-    return base64.b64encode(shlex.join(argv).encode()).decode()
 
 
 def parse_command_status(data: bytes) -> int | None:
@@ -867,7 +882,9 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
                 preparation.close()  # no run took it over
         outcome = vmm.run(preparation)
     except (KvmUnavailableError, VmmError, BootError, KvmError) as err:
-        outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}")
+        outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
+        if vmm is not None:
+            vmm.remove_created_files()
     sink = getattr(vmm, "_serial_sink", None)
     if sink is not None and not sink.at_line_start and not sink.owned:
         print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
@@ -884,20 +901,35 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
 def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, duration: float) -> None:
     from dataclasses import asdict
 
-    from microvmm.results import RunResult, write_json, write_junit
+    from microvmm.cli import package_version
+    from microvmm.results import RunResult, is_infrastructure_error, write_json, write_junit
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds, 3)
+
     monitor = vmm.monitor if vmm else None
     command_ok = config.command is None or outcome.exit_code == 0
+    boot_s = monitor.boot_time if monitor else None
+    command_s = None
+    if config.command is not None and boot_s is not None:
+        end = vmm.stopped_at if vmm.stopped_at is not None else monitor.elapsed()
+        command_s = max(0.0, end - boot_s)
     result = RunResult(
         kernel=str(config.kernel), cmdline=getattr(vmm, "cmdline", config.cmdline),
         verdict="pass" if outcome.exit_code == 0 and command_ok else "fail",
-        reason=outcome.summary, exit_code=int(outcome.exit_code), duration_s=round(duration, 3),
-        boot_s=monitor.boot_time if monitor else None,
-        expect_s=monitor.expect_time if monitor else None,
+        reason=outcome.summary, exit_code=int(outcome.exit_code), duration_s=ms(duration),
+        boot_s=ms(boot_s),
+        expect_s=ms(monitor.expect_time) if monitor else None,
+        command_s=ms(command_s),
         command=config.command,
         command_status=int(outcome.exit_code) if config.command is not None and outcome.exit_code < 123 else None,
-        log=str(config.log) if config.log else None,
-        failures=[{**asdict(f), "level": f.level.name.lower()} for f in monitor.failures] if monitor else [],
+        # Absolute: CI collects it from elsewhere. None when a failed setup took it away again.
+        log=os.path.abspath(config.log) if config.log and os.path.exists(config.log) else None,
+        failures=[{**asdict(f), "level": f.level.name.lower(), "at": ms(f.at)} for f in monitor.failures]
+        if monitor else [],
         last_lines=monitor.last_lines(40) if monitor else [],
+        infrastructure_error=outcome.setup_error or is_infrastructure_error(int(outcome.exit_code)),
+        microvmm_version=package_version(),
     )
     try:
         if config.json:

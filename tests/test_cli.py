@@ -157,7 +157,19 @@ def test_default_kernel_missing_says_how_to_get_one(capsys, no_vm):
     (["--serial", ""], ["--serial"]),
     (["--fail-on", "never"], ["--fail-on", "never"]),  # argparse choices
     (["--timeout", "0"], ["--timeout", "0"]),
+    (["--timeout", "nan"], ["--timeout", "nan"]),          # nan > 0 is False, but so is nan <= 0
+    (["--timeout", "inf"], ["--timeout", "inf"]),
+    (["--timeout=-inf"], ["--timeout", "-inf"]),
+    (["--boot-timeout", "nan"], ["--boot-timeout", "nan"]),
+    (["--boot-timeout", "inf"], ["--boot-timeout", "inf"]),
+    (["--idle-timeout", "NaN"], ["--idle-timeout", "nan"]),
+    (["--idle-timeout", "infinity"], ["--idle-timeout", "inf"]),
+    (["--profile-rate", "nan"], ["--profile-rate", "nan"]),
+    (["--profile-rate", "inf"], ["--profile-rate", "inf"]),
+    (["--mem", "64B"], ["--mem", "64B"]),                  # bytes, not MiB: refused
+    (["--mem", "64iB"], ["--mem", "64iB"]),
     (["--expect", "("], ["--expect", "("]),
+    (["--append", "x" * 2100], ["command line", "2047"]),  # Linux would cut it
 ])
 def test_bad_option_values(capsys, no_vm, kernel, args, names):
     assert_usage_error(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", *args], *names)
@@ -288,11 +300,91 @@ def test_parse_size_units(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "1.5G", "-1M", "64T", "0x40M", "64 M", "sixty"])
+@pytest.mark.parametrize("text", ["", "M", "1.5G", "-1M", "64T", "0x40M", "64 M", "sixty",
+                                  "64B", "64b", "64iB", "MiB", "64KiBB"])
 def test_parse_size_rejects_and_names_the_value(text):
     with pytest.raises(UsageError) as info:
         parse_size(text)
     assert repr(text) in str(info.value)
+
+
+def test_a_size_in_bytes_says_why_it_is_refused():
+    with pytest.raises(UsageError, match="too small.*64M"):
+        parse_size("64B")
+
+
+def test_a_guest_command_that_would_overflow_the_kernel_cmdline_is_refused(capsys, no_vm, kernel):
+    """The command travels base64-encoded on the command line: one too long for
+    Linux's 2047 bytes is refused up front instead of cut by the kernel."""
+    line = assert_usage_error(capsys, ["run", "--kernel", str(kernel), "--initrd", "none",
+                                       "--", "echo", "y" * 1600], "command line", "2047")
+    assert "'-- CMD'" in line
+
+
+def test_every_command_line_we_build_fits_what_the_kernel_reads(capsys, captured_config, kernel):
+    """With the emulating host's workarounds (the longest additions) and a
+    modest command, the full command line stays within COMMAND_LINE_SIZE, and
+    clearcpuid's value within the 127 characters Linux 6.1 copies."""
+    from microvmm.hostinfo import CLEARCPUID_MAX_LENGTH, HostKind, host_quirks
+    from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
+    additions = host_quirks(HostKind.EMULATING, "test").cmdline_additions
+    for args in ([], ["--console", "@pty:p0"]):
+        status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", *args,
+                                           "--", "sh", "-c", "uname -a; cat /proc/cpuinfo"])
+        assert status == 0, err
+        config = captured_config.pop()
+        full = kernel_cmdline(config.cmdline, additions, config.command)
+        assert len(full.encode()) <= KERNEL_CMDLINE_MAX
+        for token in full.split():
+            if token.startswith("clearcpuid="):
+                assert len(token) - len("clearcpuid=") <= CLEARCPUID_MAX_LENGTH
+
+
+def test_version_from_the_package_metadata():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"microvmm {cli.package_version()}"
+    assert cli.package_version() != "unknown"
+
+
+def test_version_falls_back_to_pyproject(monkeypatch):
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "version", not_installed)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{cli.package_version()}"' in pyproject
+
+
+def test_check_host_reports_the_kvm_device(monkeypatch, capsys):
+    from microvmm import hostinfo
+    from microvmm.hostinfo import KvmDeviceStatus
+    monkeypatch.setattr(hostinfo, "check_kvm_device",
+                        lambda path="/dev/kvm": KvmDeviceStatus(path, False, "No such file or directory: load kvm"))
+    status = cli.main(["check-host"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "/dev/kvm: not usable: No such file or directory" in out
+
+
+def test_check_host_opens_a_missing_device_and_says_so(tmp_path):
+    from microvmm.hostinfo import check_kvm_device
+    missing = check_kvm_device(str(tmp_path / "kvm"))
+    assert not missing.usable and "No such file" in missing.summary
+    not_kvm = tmp_path / "plain"
+    not_kvm.write_text("")
+    device = check_kvm_device(str(not_kvm))
+    assert not device.usable and "not a KVM device" in device.summary
+
+
+def test_check_host_on_this_machine():
+    result = run_cli("check-host")
+    usable = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    assert result.returncode == (0 if usable else 1), result.stdout + result.stderr
+    assert "/dev/kvm: " in result.stdout
+    if usable:
+        assert "usable (KVM API version 12)" in result.stdout
 
 
 def test_mem_reaches_the_config_in_bytes(capsys, captured_config, kernel):
