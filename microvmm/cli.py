@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", metavar="STR", default="",
                      help="add to the command line, e.g. --append 'initcall_debug'")
     run.add_argument("--mem", metavar="SIZE", default=DEFAULT_MEM,
-                     help=f"guest RAM (default {DEFAULT_MEM}), e.g. --mem 256M")
+                     help=f"guest RAM (default {DEFAULT_MEM}): K, M or G, 1024-based, optional iB/B "
+                          "(64M = 64MiB = 64MB); a bare number is MiB, e.g. --mem 256M")
     run.add_argument("--cpus", metavar="N", type=int, default=1,
                      help="number of vCPUs, one host thread each (default 1), e.g. --cpus 2")
     run.add_argument("--serial", metavar="stdio|file:PATH|off", default="stdio",
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. --seccomp errno")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
-    commands.add_parser("check-host", help="report what kind of KVM this host has")
+    commands.add_parser("check-host", help="report what kind of KVM this host has and whether "
+                                             "/dev/kvm is usable (exit 1 if not)")
     config = commands.add_parser(
         "check-config", help="list the options a kernel .config lacks to boot under microvmm",
         description="Check a kernel .config: each missing option with why it matters. "

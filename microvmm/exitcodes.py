@@ -8,7 +8,7 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    #: The guest powered off or rebooted by itself (reboot -f, poweroff).
+    #: The guest powered off, halted for good or rebooted by itself (poweroff, halt -f, reboot -f).
     OK = 0
     #: Bad command line or port syntax (nothing was started).
     USAGE = 2
@@ -30,7 +30,7 @@ def signal_exit_code(signum: int) -> int:
 
 
 HELP_TEXT = """exit status:
-  0    the guest powered off or rebooted; or --expect matched
+  0    the guest powered off, halted for good or rebooted; or --expect matched
   N    with '-- CMD': the command's own exit status (0-122)
   2    bad command line or port syntax; nothing was started
   123  the guest stopped without a result ('-- CMD' status or --expect match)
