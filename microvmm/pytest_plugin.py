@@ -307,7 +307,7 @@ class AgentClient:
         with self._lock:
             request_id, self._next_id = self._next_id, self._next_id + 1
             self.broken = "the VM is powering off"
-            # /sbin/poweroff itself (sync, reboot -f), not the applet, which
+            # /sbin/poweroff itself (sync, poweroff -f), not the applet, which
             # signals PID 1 and has it exec /sbin/poweroff: one process less.
             self.agent.write(encode_request(request_id, secrets.token_hex(8), "exec /sbin/poweroff"), 10)
 

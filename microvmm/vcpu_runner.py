@@ -154,12 +154,13 @@ class VcpuRunner:
         """(RIP, in user mode) between two KVM_RUNs: one KVM_GET_REGS, for sampling."""
         return self._ask("rip", timeout)
 
-    def request_halted_for_good(self, timeout: float = 1.0) -> bool | None:
-        """Whether the vCPU sits in HLT with interrupts off (KVM_GET_MP_STATE
-        HALTED, RFLAGS.IF clear): only an NMI or INIT would wake it, which is
-        how Linux leaves a CPU it has halted or powered off
-        (stop_this_cpu). None: the vCPU thread did not answer."""
-        return self._ask("halted", timeout)
+    def request_stopped_for_good(self, timeout: float = 1.0) -> bool | None:
+        """Whether the vCPU will not run again by itself: in HLT with interrupts
+        off (KVM_GET_MP_STATE HALTED, RFLAGS.IF clear), where Linux leaves a CPU
+        it has halted or powered off (stop_this_cpu), or an AP that was never
+        started (waiting for INIT/SIPI). Only an NMI, INIT or SIPI would wake
+        it. None: the vCPU thread did not answer."""
+        return self._ask("stopped", timeout)
 
     def _ask(self, what: str, timeout: float):
         if not self.thread.is_alive():
@@ -262,15 +263,17 @@ class VcpuRunner:
                 # Linux keeps the kernel in the upper canonical half: a lower-half
                 # RIP is user mode (saves a KVM_GET_SREGS per sample).
                 answer.put((regs.rip, regs.rip < 0x8000_0000_0000_0000))
-            elif what == "halted":
-                answer.put(self._halted_for_good())
+            elif what == "stopped":
+                answer.put(self._stopped_for_good())
             else:
                 answer.put(self._safe_snapshot())
 
-    def _halted_for_good(self) -> bool:
+    def _stopped_for_good(self) -> bool:
         try:
-            halted = self.vcpu.get_mp_state() == MpState.HALTED
-            return halted and not self.vcpu.get_regs().rflags & _RFLAGS_IF
+            state = self.vcpu.get_mp_state()
+            if state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                return True
+            return state == MpState.HALTED and not self.vcpu.get_regs().rflags & _RFLAGS_IF
         except OSError as err:
             logger.debug("vCPU %d: halt state: %s", self.index, err)
             return False

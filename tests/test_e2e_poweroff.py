@@ -56,7 +56,7 @@ def test_typed_halt_text_does_not_stop_the_vm_and_features_are_hidden():
     try:
         status, out = guest.run("echo 'reboot: System halted'; echo 'reboot: Power down'")
         assert status == 0 and "reboot: Power down" in out
-        time.sleep(4)  # longer than the VMM looks at the vCPUs after such a line
+        time.sleep(11)  # longer than the VMM looks at the vCPUs after such a line (10 s)
         assert guest.proc.poll() is None, guest.stderr.text[-2000:]
         status, out = guest.run("echo alive")
         assert (status, out.strip()) == (0, "alive")

@@ -66,13 +66,13 @@ def run_guest(kvm):
 
 def _settled_answer(runner: VcpuRunner) -> bool | None:
     time.sleep(0.3)  # a few instructions: long done, even emulated
-    return runner.request_halted_for_good(ANSWER_TIMEOUT)
+    return runner.request_stopped_for_good(ANSWER_TIMEOUT)
 
 
 def test_halt_with_interrupts_off_is_final(run_guest):
     runner = run_guest(CLI_HLT)
     assert _settled_answer(runner) is True
-    assert runner.request_halted_for_good(ANSWER_TIMEOUT) is True  # and stays so when asked again
+    assert runner.request_stopped_for_good(ANSWER_TIMEOUT) is True  # and stays so when asked again
     assert runner.thread.is_alive()  # asking does not end the vCPU: the VMM decides
 
 
@@ -91,3 +91,28 @@ def test_monitor_reports_the_kernels_stop_lines():
     monitor.feed("serial", b"[   30.1] reboot: System halted\r\n")
     monitor.feed("serial", b"reboot: Restarting system\r\n")  # a reset ends the VM its own way
     assert seen == ["Power down", "System halted"]
+
+
+def test_an_ap_never_started_counts_as_stopped(kvm):
+    """With --cpus 2 and a kernel that never brings the AP up (nosmp), the AP
+    waits for INIT/SIPI for ever: it must not keep a halted VM alive."""
+    vm = kvm.create_vm()
+    mem = GuestMemory([(0, RAM_SIZE)])
+    runners = []
+    try:
+        vm.set_tss_addr(0xFFFB_D000)
+        vm.create_irqchip()
+        vm.set_user_memory_region(0, 0, RAM_SIZE, mem.regions[0].host_addr)
+        vm.create_vcpu(0)  # the BSP exists (an AP needs one) but is not run here
+        ap = vm.create_vcpu(1)
+        runner = VcpuRunner(1, ap, mem, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"),
+                            host_quirks(HostKind.HARDWARE, "test"), on_stop=lambda stop: None)
+        runners.append(runner)
+        runner.start()
+        assert _settled_answer(runner) is True
+    finally:
+        for runner in runners:
+            runner.stop()
+            runner.thread.join(ANSWER_TIMEOUT)
+        vm.close()
+        mem.close()
