@@ -876,6 +876,12 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
     from microvmm.kvm import KvmError, KvmUnavailableError
     started = time.monotonic()
     vmm = None
+    # Looked up now: once --seccomp is in force, reading package metadata
+    # (directory scans) may not be allowed any more.
+    version = None
+    if config.json or config.junit:
+        from microvmm.cli import package_version
+        version = package_version()
     try:
         try:
             vmm = Vmm(config)
@@ -896,14 +902,14 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         print(vmm.exit_statistics(), file=sys.stderr)
     print(f"microvmm: {outcome.summary}", file=sys.stderr)
     if config.json or config.junit:
-        _write_results(config, vmm, outcome, time.monotonic() - started)
+        _write_results(config, vmm, outcome, time.monotonic() - started, version)
     return outcome.exit_code
 
 
-def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, duration: float) -> None:
+def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, duration: float,
+                   version: str | None = None) -> None:
     from dataclasses import asdict
 
-    from microvmm.cli import package_version
     from microvmm.results import RunResult, is_infrastructure_error, write_json, write_junit
 
     def ms(seconds: float | None) -> float | None:
@@ -931,7 +937,7 @@ def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, dura
         if monitor else [],
         last_lines=monitor.last_lines(40) if monitor else [],
         infrastructure_error=outcome.setup_error or is_infrastructure_error(int(outcome.exit_code)),
-        microvmm_version=package_version(),
+        microvmm_version=version or "unknown",
     )
     try:
         if config.json:

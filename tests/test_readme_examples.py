@@ -160,6 +160,13 @@ def test_ci_smoke_results_files(outcomes):
     result = json.loads((outcome.cwd / "boot.json").read_text())
     assert result["verdict"] == "pass" and result["command"] == ["uname", "-r"]
     assert result["command_status"] == 0 and result["boot_s"] > 0
+    assert result["schema_version"] == 1 and result["microvmm_version"]
+    assert result["log"] == str(outcome.cwd / "boot.log")  # absolute, for CI to collect
+    assert not result["infrastructure_error"]
+    # each case its own time: boot until init, the command from init to its status
+    times = {c.get("name"): float(c.get("time")) for c in suite.iter("testcase")}
+    assert times["boot"] == round(result["boot_s"], 3) and times["command"] == round(result["command_s"], 3)
+    assert 0 < times["command"] < result["duration_s"] - times["boot"] + 0.01
     log = (outcome.cwd / "boot.log").read_text()
     assert re.search(r"^\[\s*\d+\.\d{3}\] serial: .*Run /init as init process", log, re.M)
 

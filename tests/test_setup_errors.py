@@ -56,7 +56,8 @@ def test_results_hold_rounded_durations_and_an_absolute_log(tmp_path, monkeypatc
     (tmp_path / "run.log").write_text("x\n")
     config = VmConfig(kernel=Path("vmlinux"), initrd=None, cmdline="console=ttyS0",
                       log=Path("run.log"), json=Path("out.json"))
-    _write_results(config, None, VmOutcome(ExitCode.OK, "guest stopped"), 12.3456789)
+    _write_results(config, None, VmOutcome(ExitCode.OK, "guest stopped"), 12.3456789, "9.9")
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["duration_s"] == 12.346
     assert data["log"] == str(tmp_path / "run.log")
+    assert data["microvmm_version"] == "9.9"
