@@ -275,7 +275,8 @@ def _config_from_args(args: argparse.Namespace):
 
 def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
     """The command line the kernel will get (with this host's workarounds and a
-    `-- CMD`) must fit Linux's limit: a longer one would be cut, not refused."""
+    `-- CMD`) must fit Linux's COMMAND_LINE_SIZE: refused here (exit 2, naming
+    what makes it long), not later as a setup error or cut by the kernel."""
     from microvmm.hostinfo import detect_host_kind, host_quirks
     from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
     quirks = host_quirks(*detect_host_kind(), enabled=not args.no_host_workarounds)
