@@ -116,3 +116,59 @@ def test_an_ap_never_started_counts_as_stopped(kvm):
             runner.thread.join(ANSWER_TIMEOUT)
         vm.close()
         mem.close()
+
+
+class _FakeRunner:
+    """Answers the VMM's question from a script (last answer repeats)."""
+
+    def __init__(self, answers: list[bool | None]):
+        self.answers = list(answers)
+        self.asked = 0
+
+    def request_stopped_for_good(self, timeout: float = 1.0) -> bool | None:
+        self.asked += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    def stop(self) -> None:
+        pass
+
+
+def _vmm_with(monkeypatch, *runners: _FakeRunner):
+    from pathlib import Path
+
+    from microvmm import vmm as vmm_module
+    from microvmm.vmconfig import VmConfig
+    monkeypatch.setattr(vmm_module, "HALT_CONFIRM_SECONDS", 1.0)
+    monkeypatch.setattr(vmm_module, "HALT_POLL_SECONDS", 0.01)
+    vmm = vmm_module.Vmm(VmConfig(kernel=Path("vmlinux"), initrd=None, cmdline="console=ttyS0"))
+    vmm.runners = list(runners)
+    return vmm
+
+
+@pytest.mark.parametrize("line, reason, summary", [
+    ("System halted", "HALTED", "the guest halted"),
+    ("Power down", "POWER_OFF", "the guest powered off"),
+])
+def test_vmm_ends_the_run_when_every_vcpu_stopped_for_good(monkeypatch, line, reason, summary):
+    from microvmm.vcpu_runner import StopReason
+    bsp, ap = _FakeRunner([False, True]), _FakeRunner([True])  # the BSP still on its way to HLT
+    vmm = _vmm_with(monkeypatch, bsp, ap)
+    vmm.monitor.feed("serial", f"[   12.3] reboot: {line}\r\n".encode())
+    vmm._halt_check.join(5)
+    assert vmm._stop is not None and vmm._stop.reason is StopReason[reason]
+    assert bsp.asked >= 3  # not at the first look: halted twice in a row
+    outcome = vmm._outcome()
+    assert outcome.exit_code == 0 and f"guest stopped: {summary}" in outcome.summary
+
+
+def test_vmm_goes_on_when_a_vcpu_keeps_running(monkeypatch):
+    """The kernel's words typed in a shell: the vCPU is running (or idles with
+    interrupts on), or one vCPU does not answer: the VM is not stopped."""
+    running, silent = _FakeRunner([False]), _FakeRunner([None])
+    for runners in ((running,), (_FakeRunner([True]), silent)):
+        vmm = _vmm_with(monkeypatch, *runners)
+        vmm.monitor.feed("serial", b"microvmm# echo 'reboot: System halted'\r\nreboot: System halted\r\n")
+        vmm._halt_check.join(5)
+        assert not vmm._halt_check.is_alive()
+        assert vmm._stop is None and not vmm._stopped.is_set()
+    assert running.asked > 10  # it kept looking for the whole window
