@@ -17,7 +17,9 @@ from typing import NoReturn
 
 from microvmm.exitcodes import HELP_TEXT, ExitCode
 
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+#: Without --cmdline; microvmm adds the console= (the kernel's log on a port
+#: of its own, or console=ttyS0: vmm.plan_kernel_console).
+DEFAULT_CMDLINE = "reboot=k panic=-1"
 DEFAULT_MEM = "64M"
 
 _SIZE_RE = re.compile(r"^(\d+)(?:([KMG])(i?B)?)?$", re.IGNORECASE)
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="initramfs (default: images/initramfs.cpio, the busybox guest; "
                           "'none' for no initramfs), e.g. --initrd initramfs.cpio.gz")
     run.add_argument("--cmdline", metavar="STR",
-                     help=f"kernel command line (default: {DEFAULT_CMDLINE!r}), "
+                     help=f"kernel command line (default: {DEFAULT_CMDLINE!r} and a console= "
+                          "microvmm chooses: the kernel log on a port of its own), "
                           "e.g. --cmdline 'console=hvc0 reboot=k'")
     run.add_argument("--append", metavar="STR", default="",
                      help="add to the command line, e.g. --append 'initcall_debug'")
@@ -247,20 +250,20 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError("nothing after '--': give the command to run in the guest")
     if args.command is not None and any(p.name.startswith("microvmm.") for p in ports):
         raise UsageError("port names starting with 'microvmm.' are reserved for '-- CMD' runs")
+    if any(p.name == "microvmm.kmsg" for p in ports):
+        raise UsageError("port name 'microvmm.kmsg' is reserved for the kernel's log")
     mem_size = parse_size(args.mem)
     try:
         guest_ram_layout(mem_size)
     except MemoryLayoutError as err:
         raise UsageError(f"--mem {args.mem}: {err}") from None
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
-    if args.cmdline is None and any(p.console for p in ports):
-        # The last console= becomes /dev/console: the guest shell goes to hvc0.
-        cmdline += " console=hvc0"
     if args.append:
         cmdline = f"{cmdline} {args.append}"
     _check_cmdline_length(cmdline, args)
     return VmConfig(
-        kernel=kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size,
+        kernel=kernel, initrd=initrd, cmdline=cmdline, default_console=args.cmdline is None,
+        mem_size=mem_size,
         cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
         system_map=system_map,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,

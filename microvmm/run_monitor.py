@@ -3,6 +3,13 @@ port: keeps the last lines for reports, writes the tagged log, spots kernel
 failures, the boot marker and a user's --expect pattern, and knows when the
 guest last said anything (for --idle-timeout).
 
+Kernel reports are matched only where the kernel's log is (KernelLogSources):
+on the dedicated kernel-log port every line counts; on a console the kernel
+shares with user space (a shell, a program's output) only lines in the
+kernel's own form, its timestamp prefix `[    1.234567] `; everywhere else
+(command output, data ports) never. So no program's output and no typed text
+can pass for a kernel failure.
+
 Pure bookkeeping over (port, bytes) events: the VMM feeds it and acts on what
 it reports, so it is testable without a guest.
 """
@@ -18,7 +25,14 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 SERIAL_PORT = "serial"
-BOOT_MARKERS = (re.compile(rb"microvmm: init reached"), re.compile(rb"Run \S+ as init process"))
+#: The monitor's name for the dedicated kernel-log port (microvmm.kmsg in the guest).
+KERNEL_LOG_PORT = "kmsg"
+#: The default guest's init prints this on its shell's terminal: any port may carry it.
+INIT_MARKER = re.compile(rb"microvmm: init reached")
+#: The kernel's own line on starting init: only from the kernel's log.
+KERNEL_INIT_MARKER = re.compile(rb"Run \S+ as init process")
+#: A printk line as a console shows it (CONFIG_PRINTK_TIME; optional PRINTK_CALLER).
+KERNEL_LINE_FORM = re.compile(rb"^\[\s*\d+\.\d+\](?:\[\s*[TC]\d+\])? ")
 _MAX_LINE = 4096
 
 
@@ -58,6 +72,25 @@ def _has_any(chunk: bytes, words: tuple[bytes, ...]) -> bool:
 
 
 @dataclass(frozen=True)
+class KernelLogSources:
+    """Where the kernel's log reaches the host.
+
+    `dedicated`: a port only the kernel writes to (every line is the kernel's).
+    `shared`: consoles the kernel may print on next to user space (only lines
+    in the kernel's timestamped form count there). Other ports never count.
+    """
+
+    dedicated: str | None = None
+    shared: frozenset[str] = frozenset()
+
+    def kind(self, port: str) -> str | None:
+        """'dedicated', 'shared' or None (not a kernel-log source)."""
+        if port == self.dedicated:
+            return "dedicated"
+        return "shared" if port in self.shared else None
+
+
+@dataclass(frozen=True)
 class Failure:
     """A kernel report (panic, Oops, BUG, WARNING) seen on a console."""
 
@@ -81,7 +114,8 @@ class RunMonitor:
                  on_expect: Callable[[str], None] | None = None,
                  on_boot: Callable[[], None] | None = None,
                  on_kernel_stop: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 kernel_log: KernelLogSources = KernelLogSources(shared=frozenset({SERIAL_PORT}))):
         self._clock = clock
         self.started = clock()
         self.last_output = self.started
@@ -97,6 +131,9 @@ class RunMonitor:
         self._on_boot = on_boot
         #: Called with "System halted" or "Power down" (see KERNEL_STOP_LINE).
         self._on_kernel_stop = on_kernel_stop
+        self.kernel_log = kernel_log
+        #: When the dedicated kernel-log port first said anything (None: never).
+        self.kernel_log_seen: float | None = None
         self.failures: list[Failure] = []
         self.boot_time: float | None = None
         self.expect_time: float | None = None
@@ -120,6 +157,8 @@ class RunMonitor:
                 complete.append(rest)
                 rest = b""
             self._partial[port] = rest
+            if self.kernel_log_seen is None and port == self.kernel_log.dedicated:
+                self.kernel_log_seen = now - self.started
             if complete:
                 self._lines_done(port, [line.rstrip(b"\r") for line in complete], now - self.started, events)
             # The boot marker and --expect may sit on an unfinished line (a prompt).
@@ -140,13 +179,16 @@ class RunMonitor:
             self._log.write("".join(f"[{at:10.3f}] {port}: {line.decode(errors='replace')}\n"
                                     for line in lines))
         chunk = b"\n".join(lines)
-        if _has_any(chunk, _FAILURE_WORDS):
+        source = self.kernel_log.kind(port)
+        if source is not None and _has_any(chunk, _FAILURE_WORDS):
             for line in lines:
-                self._failure_line(port, line, at, events)
-        if self._on_kernel_stop is not None and _KERNEL_STOP_WORD in chunk:
+                if source == "dedicated" or KERNEL_LINE_FORM.match(line):
+                    self._failure_line(port, line, at, events)
+        if source is not None and self._on_kernel_stop is not None and _KERNEL_STOP_WORD in chunk:
             for line in lines:
-                if match := KERNEL_STOP_LINE.search(line):
-                    events.append(lambda what=match.group(1).decode(): self._on_kernel_stop(what))
+                if source == "dedicated" or KERNEL_LINE_FORM.match(line):
+                    if match := KERNEL_STOP_LINE.search(line):
+                        events.append(lambda what=match.group(1).decode(): self._on_kernel_stop(what))
         if (self.boot_time is None and _has_any(chunk, _BOOT_WORDS)) or \
                 (self._expect is not None and self.expect_time is None):
             for line in lines:
@@ -161,9 +203,16 @@ class RunMonitor:
                     events.append(lambda failure=failure: self._on_failure(failure))
                 break
 
+    def _is_boot_marker(self, port: str, line: bytes) -> bool:
+        if INIT_MARKER.search(line):
+            return True
+        source = self.kernel_log.kind(port)
+        return bool(KERNEL_INIT_MARKER.search(line)) and (
+            source == "dedicated" or (source == "shared" and KERNEL_LINE_FORM.match(line) is not None))
+
     def _match_marks(self, port: str, line: bytes, at: float, events: list) -> None:
         if (self.boot_time is None and _has_any(line, _BOOT_WORDS)
-                and any(marker.search(line) for marker in BOOT_MARKERS)):
+                and self._is_boot_marker(port, line)):
             self.boot_time = at
             if self._on_boot:
                 events.append(self._on_boot)

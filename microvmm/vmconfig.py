@@ -27,12 +27,22 @@ def command_parameter(argv: list[str]) -> str:
     return base64.b64encode(shlex.join(argv).encode()).decode()
 
 
+#: A `-- CMD` goes on the command line too only up to this length in all
+#: (it always travels in the initramfs: vmm.COMMAND_FILE).
+COMMAND_PARAM_CMDLINE_LIMIT = 1536
+
+
 def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] | None) -> str:
-    """The command line the guest kernel gets: the user's, then the host
-    workarounds the user did not set, then a `-- CMD` run's command."""
+    """The command line the guest kernel gets: the user's, then the additions
+    (the kernel's console, host workarounds) the user did not set, then a
+    `-- CMD` run's command as microvmm.cmd= if the whole stays within
+    COMMAND_PARAM_CMDLINE_LIMIT (the command of any length is in the initramfs)."""
+    merged = merge_cmdline(cmdline, additions)
     if command is not None:
-        additions = (*additions, f"{COMMAND_PARAM}={command_parameter(command)}")
-    return merge_cmdline(cmdline, additions)
+        with_command = merge_cmdline(merged, (f"{COMMAND_PARAM}={command_parameter(command)}",))
+        if len(with_command.encode()) <= COMMAND_PARAM_CMDLINE_LIMIT:
+            return with_command
+    return merged
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class VmConfig:
     kernel: Path
     initrd: Path | None
     cmdline: str
+    #: True when microvmm chooses the kernel's console (no --cmdline): the
+    #: VMM adds console= (vmm.plan_kernel_console).
+    default_console: bool = False
     mem_size: int = 64 << 20
     cpus: int = 1
     serial: SerialConfig = field(default_factory=lambda: SerialConfig("stdio"))

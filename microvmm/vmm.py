@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind
-from microvmm.run_monitor import SERIAL_PORT, Failure, RunMonitor
+from microvmm.run_monitor import KERNEL_LOG_PORT, SERIAL_PORT, Failure, KernelLogSources, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
 from microvmm.vmprep import VmmError, VmPreparation
@@ -49,6 +49,21 @@ EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
 #: may hold the vCPU thread back; a running guest only pays a kick per poll.
 HALT_CONFIRM_SECONDS = 10.0
 HALT_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class KernelConsolePlan:
+    """Where the guest kernel's log goes, decided before the boot.
+
+    `kmsg`: on the port microvmm.kmsg, a virtio console only the kernel writes
+    to (its printk costs no userspace exit; hvc replays the early log when it
+    registers). Otherwise on the serial line (and hvc0) as the command line says.
+    """
+
+    kmsg: bool
+    cmdline_additions: tuple[str, ...]
+    sources: KernelLogSources
+    why: str = ""
 
 
 @dataclass
@@ -122,6 +137,14 @@ class Vmm:
         self._halt_check: threading.Thread | None = None
         #: Seconds since the monitor started when the first stop was asked for.
         self.stopped_at: float | None = None
+        self.kernel_console = KernelConsolePlan(False, (), self.monitor.kernel_log)
+        self._kernel_log_port_up = False
+        self._kernel_log_restart = False
+        self._kernel_log_next_seq = 0
+        self._kernel_log_repeat = b""
+        self._log_symbol_table: dict[str, int] | None = None
+        self._log_read_failed = False
+        self._kernel_log_sink: _OutputSink | None = None
         self._failure: Failure | None = None
         self._timeout_kind: str | None = None
         self._expect_seen = False
@@ -247,7 +270,13 @@ class Vmm:
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
 
         config = self.config
-        cmdline = kernel_cmdline(config.cmdline, quirks.cmdline_additions, config.command)
+        self.kernel_console = plan = plan_kernel_console(config)
+        self.monitor.kernel_log = plan.sources
+        if plan.why:
+            logger.info("kernel log on the serial line: %s", plan.why)
+        # The command also travels in the initramfs (below): on the command
+        # line only when it fits, for a user's own init that reads microvmm.cmd=.
+        cmdline = kernel_cmdline(config.cmdline, plan.cmdline_additions + quirks.cmdline_additions, config.command)
         self.cmdline = cmdline
 
         # Built by the preparation's helper threads meanwhile; their errors
@@ -259,6 +288,10 @@ class Vmm:
 
         # An ELF vmlinux and its initrd are in guest RAM already; a bzImage comes as bytes.
         kernel, initrd = self._preparation.take_images()
+        if config.command is not None and initrd is not None:
+            from microvmm.boot.initrd import command_archive, prepend_archive
+            initrd = prepend_archive(memory, initrd, command_archive(COMMAND_FILE, command_script(config.command)),
+                                     getattr(kernel, "kernel_end", 0))
         # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
         # is ready at once (a kernel that trusts its boot loader).
         boot = setup_linux_boot(memory, kernel, cmdline, initrd,
@@ -270,6 +303,7 @@ class Vmm:
         # opened once the kernel and initrd proved valid, and fail here,
         # before the guest runs.
         self._serial_sink = self._open_serial_sink()
+        self._kernel_log_sink = self._open_kernel_log_sink()
         self._port_backends = self._open_port_backends()
         self.boot = boot
         self._announce_payload_workaround(boot)
@@ -297,7 +331,7 @@ class Vmm:
         return [PciIrq(device=CONSOLE_PCI_SLOT, pin=PCI_INTA, ioapic_pin=FIRST_PCI_INTX_GSI)]
 
     def _wants_console(self) -> bool:
-        return bool(self.config.ports) or self.config.command is not None
+        return bool(self.config.ports) or self.config.command is not None or self.kernel_console.kmsg
 
     def _open_port_backends(self) -> list:
         """The user's console ports' backends (a socket file, a pty...), opened
@@ -397,8 +431,20 @@ class Vmm:
             for _, backend in command_ports:
                 self._closers.append(backend.close)
             ports += command_ports
+        if self.kernel_console.kmsg:
+            # Last, so that the user's ports keep their numbers and hvc0 stays
+            # the first user console: this one is hvcN, N = user consoles.
+            from microvmm.virtio_console.backends import CallbackBackend
+            from microvmm.virtio_console.spec import BackendKind, PortSpec
+            ports.append((PortSpec(console=True, backend=BackendKind.FILE, name=KMSG_PORT, path=None),
+                          CallbackBackend(KMSG_PORT, self._kernel_log_output)))
         console = VirtioConsole(ports, self.loop, queue_size=self.config.queue_size)
-        console.output_tap = self.monitor.feed
+        feed = self.monitor.feed
+
+        def output_tap(name: str, data: bytes) -> None:
+            if name != KMSG_PORT:  # the log port feeds the monitor itself (_kernel_log_output)
+                feed(name, data)
+        console.output_tap = output_tap
         self.console = console
         self._closers.append(console.close)
         self._closers.append(console.restore_terminals)
@@ -496,6 +542,7 @@ class Vmm:
             self._previous_handlers[signal.SIGWINCH] = signal.signal(
                 signal.SIGWINCH, lambda *_: self.console.refresh_sizes())
         self._start_serial_input()
+        self._start_kernel_log_poll()
         self.loop.start()
         if self.config.profile:
             from microvmm.profiler import GuestProfiler
@@ -546,6 +593,8 @@ class Vmm:
             if runner.thread.is_alive():
                 runner.thread.join(timeout=5)
         self._flush_serial()  # what the vCPUs wrote last
+        if getattr(self, "memory", None) is not None:
+            self._recover_kernel_log()  # guest RAM is still mapped
         if getattr(self, "_raw_terminal", None):
             self._raw_terminal.restore()
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
@@ -657,6 +706,8 @@ class Vmm:
     def _guest_failed(self, failure: Failure) -> None:
         if self._failure is None or failure.level > self._failure.level:
             self._failure = failure
+        if self._stopped.is_set():
+            return  # seen in a log recovered after the stop
         # Let the trace that follows the first line reach the log, then stop
         # (panic=-1 may reboot sooner, which ends the VM just the same).
         self.loop.call_later(1.0, lambda: self._request_stop(
@@ -715,6 +766,16 @@ class Vmm:
             report.append(lines_report)
             code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
             return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))
+        if (stop.reason is StopReason.RESET and self.kernel_console.kmsg
+                and not self._kernel_log_port_up and not self._kernel_log_restart and not self._expect_seen):
+            # panic=-1 turns an early panic into this reset; a guest whose log
+            # port never came up, and whose log in RAM showed no report
+            # either (or could not be read), failed all the same.
+            return VmOutcome(ExitCode.GUEST_PANIC,
+                             f"guest kernel reset after {elapsed:.1f} s, before its log port ({KMSG_PORT}) came "
+                             "up: an early kernel failure (--cmdline "
+                             f"'{SERIAL_CONSOLE_CMDLINE}' shows its log on the serial line)",
+                             report=lines_report)
         if self.config.expect is not None:
             if self._expect_seen:
                 return VmOutcome(ExitCode.OK, f"expected output seen after {self.monitor.expect_time:.1f} s: "
@@ -763,6 +824,125 @@ class Vmm:
                 raise VmmError(f"--serial file:{serial.path}: {err.strerror}") from err
             return _OutputSink(fd, owned=True)
         return None
+
+    def _open_kernel_log_sink(self) -> _OutputSink | None:
+        """Where the kernel's own log (port microvmm.kmsg) is shown: where the
+        serial line goes, but on stderr for `--serial stdio`, so that stdout
+        carries only what guest user space prints (a shell's command output
+        never has a kernel line inside); nowhere on a `-- CMD` run's terminal,
+        whose stdout and stderr are the command's. --log always has it."""
+        if not self.kernel_console.kmsg:
+            return None
+        serial = self.config.serial
+        if serial.kind == "stdio":
+            return None if self.config.command is not None else _OutputSink(sys.stderr.fileno(), owned=False)
+        return self._serial_sink  # a file, or None for --serial off
+
+    # -- the kernel's log ---------------------------------------------------------
+    # Its port carries every printk once the guest's virtio-console added it.
+    # Until then (and for a guest that stops before) the VMM reads the records
+    # from the kernel's printk ring in guest RAM (diag/kernel_log.py), every
+    # KERNEL_LOG_POLL seconds on the I/O thread, so that the early log is
+    # shown, watched and timed (--idle-timeout, --profile phases) as it is
+    # printed. Everything here runs on the I/O thread, or after the vCPUs stopped.
+
+    def _start_kernel_log_poll(self) -> None:
+        if self.kernel_console.kmsg:
+            self.loop.call_soon_threadsafe(self._poll_kernel_log)
+
+    def _kernel_records(self, finalized_only: bool):
+        """The guest's console records, or None (said once) if unreadable."""
+        from microvmm.diag.kernel_log import KernelLogError, console_records
+        if self._log_symbol_table is None:
+            try:
+                self._log_symbol_table = self._log_symbols()
+            except KernelLogError as err:
+                self._log_symbol_table = {}
+                logger.warning("the kernel's log before its port is up is not shown: %s", err)
+        if not self._log_symbol_table:
+            return None
+        try:
+            return console_records(self.memory, self._log_symbol_table, finalized_only=finalized_only)
+        except KernelLogError as err:
+            if not self._log_read_failed:
+                self._log_read_failed = True
+                logger.warning("cannot read the guest kernel's log from its RAM: %s", err)
+            return None
+
+    def _show_records(self, records) -> None:
+        fresh = [record for record in records if record.seq >= self._kernel_log_next_seq]
+        if not fresh:
+            return
+        self._kernel_log_next_seq = fresh[-1].seq + 1
+        # kernel_restart() says this; panic=-1's emergency_restart() does not.
+        if any(record.text.startswith(b"reboot: Restarting system") for record in fresh):
+            self._kernel_log_restart = True
+        text = b"".join(record.console_text() for record in fresh).replace(b"\n", b"\r\n")
+        self.monitor.feed(KERNEL_LOG_PORT, text)
+        self._show_kernel_log(text)
+
+    def _poll_kernel_log(self) -> None:
+        if self._kernel_log_port_up or self._stopped.is_set():
+            return
+        records = self._kernel_records(finalized_only=True)  # the newest may still grow
+        if records is None:
+            return
+        self._show_records(records)
+        self.loop.call_later(KERNEL_LOG_POLL, self._poll_kernel_log)
+
+    def _kernel_log_output(self, data: bytes) -> None:
+        """Bytes of the kernel's log port; the first ones end the polling, after
+        the records between the last one polled and the port's first. What
+        the polling showed already and the port repeats is dropped."""
+        if not self._kernel_log_port_up:
+            self._kernel_log_port_up = True
+            records = self._kernel_records(finalized_only=False)
+            if records is not None:
+                # hvc writes at most 16 bytes at a time: `data` may hold a line's start only.
+                first_line = data.split(b"\n", 1)[0].rstrip(b"\r")
+                for index in range(len(records) - 1, -1, -1):
+                    if first_line and records[index].console_text().startswith(first_line):
+                        self._show_records(records[:index])
+                        self._kernel_log_repeat = b"".join(
+                            record.console_text() for record in records[index:]
+                            if record.seq < self._kernel_log_next_seq).replace(b"\n", b"\r\n")
+                        break
+                else:
+                    logger.warning("the guest kernel's log port starts with a line its ring buffer lacks: "
+                                   "lines before it may be missing")
+        if self._kernel_log_repeat:
+            repeat = self._kernel_log_repeat
+            if repeat.startswith(data[:len(repeat)]):
+                self._kernel_log_repeat = repeat[len(data):]
+                data = data[len(repeat):]
+            else:
+                self._kernel_log_repeat = b""  # not the repeat after all: show everything
+        if data:
+            self.monitor.feed(KERNEL_LOG_PORT, data)
+            self._show_kernel_log(data)
+
+    def _show_kernel_log(self, data: bytes) -> None:
+        if self._kernel_log_sink is not None:
+            self._kernel_log_sink.write(data)
+
+    def _log_symbols(self) -> dict[str, int]:
+        """The System.map addresses of the kernel's log (diag/kernel_log.py)."""
+        from microvmm.diag.kernel_log import KernelLogError, log_symbols
+        from microvmm.diag.symbols import find_system_map
+        path = self.config.system_map or find_system_map(self.config.kernel)
+        if path is None:
+            raise KernelLogError("no System.map for this kernel")
+        return log_symbols(path)
+
+    def _recover_kernel_log(self) -> None:
+        """The vCPUs have stopped before the log port carried anything (an
+        early panic, then panic=-1's reset): the rest of the log from guest
+        RAM, so that a panic is shown and matched like any other."""
+        if not self.kernel_console.kmsg or self._kernel_log_port_up or not self.runners:
+            return
+        records = self._kernel_records(finalized_only=False)
+        if records is not None:
+            self._show_records(records)
 
     def _flush_serial(self) -> None:
         """Pass on serial bytes still waiting for the end of their line (before a
@@ -854,9 +1034,61 @@ class _PciBarWindow:
         self._write(self._base + offset, size, value)
 
 
-# `-- CMD` runs: the command travels on the kernel command line
-# (vmconfig.COMMAND_PARAM), its output and status come back on three named
-# console ports (guest/README.md).
+# `-- CMD` runs: the command travels as the file /microvmm.cmd of a small cpio
+# archive put before the initramfs (and, when it fits, base64 on the kernel
+# command line: vmconfig.kernel_cmdline); its output and status come back on
+# three named console ports (guest/README.md).
+COMMAND_FILE = "microvmm.cmd"
+#: The kernel's log port (see KernelConsolePlan).
+KMSG_PORT = "microvmm.kmsg"
+#: Seconds between reads of the kernel's log from guest RAM until its port is up.
+KERNEL_LOG_POLL = 0.5
+#: Tells the default guest's init which terminal its shell and messages use.
+SHELL_CONSOLE_PARAM = "microvmm.console"
+SERIAL_CONSOLE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+#: A symbol only a kernel with CONFIG_VIRTIO_CONSOLE=y has (System.map).
+_VIRTIO_CONSOLE_SYMBOL = b" virtcons_probe\n"
+
+
+def plan_kernel_console(config: VmConfig) -> KernelConsolePlan:
+    """Where the kernel's log goes: a port of its own when microvmm chooses the
+    console (no --cmdline, no console= in --append), the port fits and the
+    kernel has a virtio console; else the serial line as before."""
+    from microvmm.virtio_console.spec import MAX_PORTS
+    user_consoles = [port.name for port in config.ports if port.console]
+    shared = KernelLogSources(shared=frozenset({SERIAL_PORT, *user_consoles}))
+    kernel_tokens = re.split(r"(?:^|\s)--(?:\s|$)", config.cmdline, maxsplit=1)[0].split()
+    if not config.default_console or any(token.startswith("console=") for token in kernel_tokens):
+        return KernelConsolePlan(False, (), shared, "the command line names the console")
+    serial = ("console=ttyS0",) + (("console=hvc0",) if user_consoles else ())
+    ports = len(config.ports) + (3 if config.command is not None else 0)
+    if ports + 1 > MAX_PORTS:
+        return KernelConsolePlan(False, serial, shared, f"no room for a log port beside {ports} ports")
+    if not kernel_has_virtio_console(config):
+        return KernelConsolePlan(False, serial, shared,
+                                 "no System.map for this kernel shows CONFIG_VIRTIO_CONSOLE=y")
+    return KernelConsolePlan(
+        True, (f"console=hvc{len(user_consoles)}",
+               f"{SHELL_CONSOLE_PARAM}={'hvc0' if user_consoles else 'ttyS0'}"),
+        KernelLogSources(dedicated=KERNEL_LOG_PORT))
+
+
+def kernel_has_virtio_console(config: VmConfig) -> bool:
+    from microvmm.diag.symbols import find_system_map  # light: no parsing
+    path = config.system_map or find_system_map(config.kernel)
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return _VIRTIO_CONSOLE_SYMBOL in handle.read()
+    except OSError:
+        return False
+
+
+def command_script(argv: list[str]) -> bytes:
+    """The command as the guest's shell runs it: shell-quoted, one line."""
+    import shlex  # deferred: only `-- CMD` runs need it (issue 6)
+    return (shlex.join(argv) + "\n").encode()
 COMMAND_STDOUT_PORT = "microvmm.stdout"
 COMMAND_STDERR_PORT = "microvmm.stderr"
 COMMAND_STATUS_PORT = "microvmm.status"

@@ -439,19 +439,22 @@ def test_top_level_help_lists_the_commands():
 
 # -- default command line ----------------------------------------------------
 
-@pytest.mark.parametrize("args, cmdline", [
-    ([], DEFAULT_CMDLINE),
-    (["--console", "pty:p0"], DEFAULT_CMDLINE),                       # not a console port
-    (["--console", "@pty:p0"], DEFAULT_CMDLINE + " console=hvc0"),
-    (["--device", "virtio-console,pty:a,@pty:b"], DEFAULT_CMDLINE + " console=hvc0"),
-    (["--console", "@pty:p0", "--cmdline", "console=ttyS0 quiet"], "console=ttyS0 quiet"),
-    (["--console", "@pty:p0", "--append", "initcall_debug"],
-     DEFAULT_CMDLINE + " console=hvc0 initcall_debug"),
-    (["--cmdline", "root=/dev/vda", "--append", "quiet"], "root=/dev/vda quiet"),
+@pytest.mark.parametrize("args, cmdline, default_console", [
+    ([], DEFAULT_CMDLINE, True),
+    (["--console", "@pty:p0"], DEFAULT_CMDLINE, True),       # console= is the VMM's (vmm.plan_kernel_console)
+    (["--console", "@pty:p0", "--cmdline", "console=ttyS0 quiet"], "console=ttyS0 quiet", False),
+    (["--console", "@pty:p0", "--append", "initcall_debug"], DEFAULT_CMDLINE + " initcall_debug", True),
+    (["--cmdline", "root=/dev/vda", "--append", "quiet"], "root=/dev/vda quiet", False),
 ])
-def test_default_cmdline_follows_console_ports(capsys, captured_config, kernel, args, cmdline):
+def test_default_cmdline_leaves_the_console_to_the_vmm(capsys, captured_config, kernel, args, cmdline,
+                                                       default_console):
     status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--initrd", "none", *args])
     assert status == 0, err
     (config,) = captured_config
-    assert config.cmdline == cmdline
-    assert DEFAULT_CMDLINE.startswith("console=ttyS0")
+    assert (config.cmdline, config.default_console) == (cmdline, default_console)
+    assert "console=" not in DEFAULT_CMDLINE
+
+
+def test_the_kernel_log_port_name_is_reserved(capsys, kernel):
+    status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--console", "pty:microvmm.kmsg"])
+    assert status == 2 and "microvmm.kmsg" in "".join(err)

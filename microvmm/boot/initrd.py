@@ -59,3 +59,45 @@ def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTH
         raise InitrdError(f"{source}: the file ended at {done:#x} of {size:#x} bytes while loading "
                           f"(was it rewritten during the boot?)")
     return LoadedInitrd(addr, size)
+
+
+_NEWC_MAGIC = b"070701"
+_NEWC_TRAILER = "TRAILER!!!"
+_REGULAR_FILE_0600 = 0o100600
+
+
+def _newc_member(name: str, mode: int, data: bytes, ino: int) -> bytes:
+    """One "newc" cpio member: the 110-byte hex header, the name (NUL-ended,
+    padded to 4 bytes) and the data (padded to 4 bytes); owner root, mtime 0."""
+    encoded = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+    header = _NEWC_MAGIC + b"".join(b"%08X" % value for value in fields)
+    member = header + encoded
+    member += b"\0" * (-len(member) % 4)
+    return member + data + b"\0" * (-len(data) % 4)
+
+
+def command_archive(name: str, data: bytes) -> bytes:
+    """A cpio archive holding the one file /NAME (0600): what Linux unpacks
+    into the initramfs along with the initrd it is put in front of."""
+    return _newc_member(name, _REGULAR_FILE_0600, data, 1) + _newc_member(_NEWC_TRAILER, 0, b"", 0)
+
+
+def prepend_archive(mem, initrd: "LoadedInitrd | bytes | memoryview", archive: bytes,
+                    kernel_end: int) -> "LoadedInitrd | bytes":
+    """The initrd with `archive` in front of it (Linux unpacks concatenated
+    archives, compressed or not, and skips the zeros between them).
+
+    An initrd already in guest RAM gets the archive, zero-padded to whole
+    pages, right below it: place_initrd() of the longer initrd gives that
+    same address. Raises InitrdError if it no longer fits above the kernel.
+    """
+    padded = archive + b"\0" * (-len(archive) % layout.PAGE_SIZE)
+    if not isinstance(initrd, LoadedInitrd):
+        return padded + bytes(initrd)
+    addr = initrd.addr - len(padded)
+    if addr < layout.align_up(kernel_end, layout.PAGE_SIZE):
+        raise InitrdError(f"the initrd and a {len(archive)}-byte command archive do not fit above the "
+                          f"kernel ({kernel_end:#x}): give the guest more memory")
+    mem.write(addr, padded)
+    return LoadedInitrd(addr, initrd.size + len(padded))

@@ -438,6 +438,24 @@ class CaptureBackend(PortBackend):
         return len(data)  # beyond the limit the rest is not ours to keep
 
 
+class CallbackBackend(PortBackend):
+    """Output-only to a function that takes every byte (the kernel-log port:
+    the VMM shows and watches it). Never refuses: a console port's driver
+    busy-waits until its buffer is used."""
+
+    kind = BackendKind.FILE
+    has_input = False
+
+    def __init__(self, name: str, deliver: Callable[[bytes], None]):
+        super().__init__(name)
+        self._deliver = deliver
+        self._connected = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._deliver(bytes(data))
+        return len(data)
+
+
 class StdioBackend(PortBackend):
     """The VMM's own stdin/stdout: raw mode if stdin is a terminal; pipes work too.
 
