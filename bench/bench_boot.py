@@ -17,6 +17,14 @@ Figures:
                                       (vcpu_thread_system_to_prompt shows it).
   vmm_rss_total: M MiB                vmm_rss_excluding_guest_ram: M MiB
   guest_ram_rss: M MiB                boot_exits_<reason>: N exits (from --stats)
+  boot_to_init_vmlinux_quiet: S s     (the same boot with `--append quiet`)
+  vmm_cpu_per_exit: U us              the VMM's own CPU time to the prompt over the userspace
+                                      exits of the whole run (boot, prompt, poweroff): an upper
+                                      bound of what one exit costs, as the VMM does other work too
+  boot_exits_total: N exits           (target <= 2,000 to the shell)
+
+`--prefix realkvm_` names every figure with that prefix (run_all.py --realkvm
+runs this script inside scripts/realkvm's L1 with real kvm_amd).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import REPO, report
+from common import REPO
+from common import report as common_report
 
 from microvmm.testing import BOOT_MARKER, PROMPT, GuestProcess, GuestTimeout
 
@@ -144,9 +153,9 @@ def parse_exit_stats(stderr: str) -> dict[str, int]:
     return exits
 
 
-def boot_once(kernel: Path, timeout: float, measure_rss: bool) -> BootResult:
+def boot_once(kernel: Path, timeout: float, measure_rss: bool, extra: tuple[str, ...] = ()) -> BootResult:
     args = ["--kernel", str(kernel), "--initrd", str(IMAGES / "initramfs.cpio"),
-            "--mem", f"{MEM_MIB}M", "--timeout", str(timeout + 180), "--stats"]
+            "--mem", f"{MEM_MIB}M", "--timeout", str(timeout + 180), "--stats", *extra]
     started = time.time()
     guest = GuestProcess(*args)
     try:
@@ -173,7 +182,13 @@ def main() -> int:
     parser.add_argument("--bzimage-timeout", type=float, default=300.0,
                         help="give up on the bzImage boot after this many seconds (default 300)")
     parser.add_argument("--skip-bzimage", action="store_true")
+    parser.add_argument("--prefix", default="", help="put this before every figure's name, e.g. realkvm_")
     args = parser.parse_args()
+    prefix = args.prefix
+
+    def report(name: str, value, unit: str) -> None:
+        common_report(prefix + name, value, unit)
+
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_boot: no usable /dev/kvm: skipped", file=sys.stderr)
         return 0
@@ -205,7 +220,13 @@ def main() -> int:
     for reason, count in sorted(vmlinux.exits.items(), key=lambda kv: -kv[1]):
         report(f"boot_exits_{reason}", count, "exits")
     if vmlinux.exits:
-        report("boot_exits_total", sum(vmlinux.exits.values()), "exits")
+        total = sum(vmlinux.exits.values())
+        report("boot_exits_total", total, "exits")
+        if vmlinux.vmm_cpu_s is not None and total:
+            report("vmm_cpu_per_exit", 1e6 * vmlinux.vmm_cpu_s / total, "us")
+
+    quiet = boot_once(IMAGES / "vmlinux", 600, measure_rss=False, extra=("--append", "quiet"))
+    report("boot_to_init_vmlinux_quiet", "timeout>600" if quiet.init_s is None else quiet.init_s, "s")
 
     if not args.skip_bzimage:
         bz = boot_once(IMAGES / "bzImage", args.bzimage_timeout, measure_rss=False)

@@ -848,6 +848,7 @@ class Vmm:
 
     def _start_kernel_log_poll(self) -> None:
         if self.kernel_console.kmsg:
+            self._kernel_records(finalized_only=True)  # reads System.map now, before any seccomp filter
             self.loop.call_soon_threadsafe(self._poll_kernel_log)
 
     def _kernel_records(self, finalized_only: bool):
@@ -928,7 +929,7 @@ class Vmm:
     def _log_symbols(self) -> dict[str, int]:
         """The System.map addresses of the kernel's log (diag/kernel_log.py)."""
         from microvmm.diag.kernel_log import KernelLogError, log_symbols
-        from microvmm.diag.symbols import find_system_map
+        from microvmm.diag.system_map import find_system_map
         path = self.config.system_map or find_system_map(self.config.kernel)
         if path is None:
             raise KernelLogError("no System.map for this kernel")
@@ -1074,7 +1075,7 @@ def plan_kernel_console(config: VmConfig) -> KernelConsolePlan:
 
 
 def kernel_has_virtio_console(config: VmConfig) -> bool:
-    from microvmm.diag.symbols import find_system_map  # light: no parsing
+    from microvmm.diag.system_map import find_system_map  # a path check, no parsing
     path = config.system_map or find_system_map(config.kernel)
     if path is None:
         return False

@@ -27,6 +27,9 @@ from tests.e2e_support import (announced_ptys, assert_guest_file, assert_no_more
                                virtio_ports, write_all, write_pattern)
 
 PORT_NAMES = ["con", "tty1", "raw", "log", "sock"]  # port 0 first, as given on the command line
+# After the user's ports: the kernel's log port (a console: hvc2, after con's
+# hvc0 and tty1's hvc1).
+GUEST_PORTS = [*PORT_NAMES, "microvmm.kmsg"]
 COMMAND_TIMEOUT = 120
 
 
@@ -76,16 +79,20 @@ def test_shell_is_on_the_stdio_console_port(vm):
     assert status == 0, out
     tty_name, active = out.strip().splitlines()
     assert tty_name == "/dev/hvc0"
-    assert "hvc0" in active.split()
-    # the UART still works: the kernel log went to the serial file
-    assert "Linux version" in vm.serial_path.read_text(errors="replace")
+    # the kernel's console is its own log port, not the shell's: nothing the
+    # shell shows is the kernel's, and nothing typed there passes for it
+    assert active.split() == ["hvc2"]
+    assert not re.search(r"\[\s*\d+\.\d{6}\] ", vm.guest.stdout.text), vm.guest.stdout.text[-2000:]
+    # the kernel log (the early part from guest RAM included) went where --serial goes
+    serial = vm.serial_path.read_text(errors="replace")
+    assert "Linux version" in serial and "Run /init as init process" in serial
 
 
 def test_every_port_appears_with_its_name(vm):
-    assert vm.vports == {name: f"/dev/vport0p{index}" for index, name in enumerate(PORT_NAMES)}
+    assert vm.vports == {name: f"/dev/vport0p{index}" for index, name in enumerate(GUEST_PORTS)}
     status, out = vm.guest.run("cat /sys/class/virtio-ports/vport0p*/name")
     assert status == 0, out
-    assert out.split() == PORT_NAMES
+    assert out.split() == GUEST_PORTS
     # console ports are hvc consoles: their vport nodes refuse to open (ENXIO)
     status, out = vm.guest.run("cat /dev/vport0p1 </dev/null")
     assert status != 0 and "No such device or address" in out, out
@@ -104,8 +111,8 @@ def test_interrupt_mode_is_the_configured_one(vm):
         # receive queue (the control transmit queue has no callback, so no vector)
         assert all("PCI-MSI" in line for line in lines), lines
         assert any("virtio0-config" in line for line in lines), lines
-        assert sum("virtio0-input" in line for line in lines) == len(PORT_NAMES), lines
-        assert sum("virtio0-output" in line for line in lines) == len(PORT_NAMES), lines
+        assert sum("virtio0-input" in line for line in lines) == len(GUEST_PORTS), lines
+        assert sum("virtio0-output" in line for line in lines) == len(GUEST_PORTS), lines
     else:
         # one shared, level-triggered line through the IO-APIC
         assert len(lines) == 1, lines

@@ -166,3 +166,14 @@ def test_log_symbols_are_read_from_system_map(tmp_path):
     assert log_symbols(path) == {"prb": 0xFFFFFFFF81A34390, "console_printk": 0xFFFFFFFF81AA44A0}
     with pytest.raises(KernelLogError):
         log_symbols(tmp_path / "missing")
+
+
+def test_a_running_guest_s_newest_record_waits_until_finalized():
+    mem = GuestMemory([(0, 1 << 20)])
+    try:
+        symbols = _fake_ring(mem, [(0, 1, 6, b"done"), (1, 2, 6, b"still growin")])
+        mem.write(0x11000 + 24, struct.pack("<Q", (1 << 62) | 1))  # record 1: committed, not finalized
+        assert [r.text for r in read_kernel_log(mem, symbols, finalized_only=True)] == [b"done"]
+        assert [r.text for r in read_kernel_log(mem, symbols)] == [b"done", b"still growin"]
+    finally:
+        mem.close()

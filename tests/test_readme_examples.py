@@ -168,7 +168,9 @@ def test_ci_smoke_results_files(outcomes):
     assert times["boot"] == round(result["boot_s"], 3) and times["command"] == round(result["command_s"], 3)
     assert 0 < times["command"] < result["duration_s"] - times["boot"] + 0.01
     log = (outcome.cwd / "boot.log").read_text()
-    assert re.search(r"^\[\s*\d+\.\d{3}\] serial: .*Run /init as init process", log, re.M)
+    # the kernel's log, tagged as such (its own port, the early part read from guest RAM)
+    assert re.search(r"^\[\s*\d+\.\d{3}\] kmsg: \[\s*\d+\.\d{6}\] Linux version", log, re.M)
+    assert re.search(r"^\[\s*\d+\.\d{3}\] kmsg: .*Run /init as init process", log, re.M)
 
 
 def test_panic_is_named(outcomes):

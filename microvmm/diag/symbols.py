@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvmm.diag.system_map import find_system_map  # noqa: F401  (re-exported)
+
 # Only text symbols are useful for RIPs; data symbols would mislabel code.
 _TEXT_TYPES = frozenset("tTwW")
 
@@ -76,10 +78,3 @@ class SymbolMap:
         return f"{address:#x} <{symbol}>" if symbol else f"{address:#x}"
 
 
-def find_system_map(kernel_path: str | os.PathLike) -> Path | None:
-    """System.map beside the kernel (build tree or images/), if any."""
-    kernel = Path(kernel_path)
-    for candidate in (kernel.parent / "System.map", kernel.parent.parent.parent.parent / "System.map"):
-        if candidate.is_file():
-            return candidate
-    return None
