@@ -56,8 +56,10 @@ class KernelConsolePlan:
     """Where the guest kernel's log goes, decided before the boot.
 
     `kmsg`: on the port microvmm.kmsg, a virtio console only the kernel writes
-    to (its printk costs no userspace exit; hvc replays the early log when it
-    registers). Otherwise on the serial line (and hvc0) as the command line says.
+    to (its printk costs no userspace exit); what the kernel printed before
+    the port came up the VMM reads from its printk ring in guest RAM
+    (Vmm._poll_kernel_log). Otherwise on the serial line (and hvc0) as the
+    command line says, and `why` says why.
     """
 
     kmsg: bool
@@ -142,6 +144,8 @@ class Vmm:
         self._kernel_log_restart = False
         self._kernel_log_next_seq = 0
         self._kernel_log_repeat = b""
+        #: The I/O thread (port bytes, polls) and teardown's last read share the above.
+        self._kernel_log_lock = threading.Lock()
         self._log_symbol_table: dict[str, int] | None = None
         self._log_read_failed = False
         self._kernel_log_sink: _OutputSink | None = None
@@ -883,18 +887,23 @@ class Vmm:
         self._show_kernel_log(text)
 
     def _poll_kernel_log(self) -> None:
-        if self._kernel_log_port_up or self._stopped.is_set():
-            return
-        records = self._kernel_records(finalized_only=True)  # the newest may still grow
-        if records is None:
-            return
-        self._show_records(records)
+        with self._kernel_log_lock:
+            if self._kernel_log_port_up or self._stopped.is_set():
+                return
+            records = self._kernel_records(finalized_only=True)  # the newest may still grow
+            if records is None:
+                return
+            self._show_records(records)
         self.loop.call_later(KERNEL_LOG_POLL, self._poll_kernel_log)
 
     def _kernel_log_output(self, data: bytes) -> None:
         """Bytes of the kernel's log port; the first ones end the polling, after
         the records between the last one polled and the port's first. What
         the polling showed already and the port repeats is dropped."""
+        with self._kernel_log_lock:
+            self._kernel_log_port_output(data)
+
+    def _kernel_log_port_output(self, data: bytes) -> None:
         if not self._kernel_log_port_up:
             self._kernel_log_port_up = True
             records = self._kernel_records(finalized_only=False)
@@ -939,11 +948,12 @@ class Vmm:
         """The vCPUs have stopped before the log port carried anything (an
         early panic, then panic=-1's reset): the rest of the log from guest
         RAM, so that a panic is shown and matched like any other."""
-        if not self.kernel_console.kmsg or self._kernel_log_port_up or not self.runners:
-            return
-        records = self._kernel_records(finalized_only=False)
-        if records is not None:
-            self._show_records(records)
+        with self._kernel_log_lock:
+            if not self.kernel_console.kmsg or self._kernel_log_port_up or not self.runners:
+                return
+            records = self._kernel_records(finalized_only=False)
+            if records is not None:
+                self._show_records(records)
 
     def _flush_serial(self) -> None:
         """Pass on serial bytes still waiting for the end of their line (before a
