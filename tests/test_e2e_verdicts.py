@@ -93,3 +93,19 @@ def test_a_real_panic_fails_also_with_quiet():
     result = _run_command("--append", "quiet", "--", "sh", "-c", "echo c > /proc/sysrq-trigger; exit 0")
     assert result.returncode == 126, result.stderr[-3000:]
     assert "Kernel panic - not syncing: sysrq triggered crash" in result.stderr
+
+
+def test_a_panic_before_the_log_port_came_up_is_read_from_guest_ram(tmp_path):
+    # The virtio-console driver never starts, so the kernel's log port never
+    # comes up; without an init the kernel panics (and panic=-1 resets). The
+    # VMM reads the log from the kernel's ring buffer in guest RAM: the panic
+    # is named and fails the run, not a silent "stopped".
+    log = tmp_path / "run.log"
+    result = _run_command("--append", "initcall_blacklist=virtio_console_init rdinit=/nonexistent",
+                          "--log", str(log))
+    assert result.returncode == 126, result.stderr[-3000:]
+    assert re.search(r"guest kernel panic at [\d.]+ s: .*Kernel panic - not syncing", result.stderr), \
+        result.stderr[-3000:]
+    kernel_lines = re.findall(r"^\[\s*\d+\.\d{3}\] kmsg: (.*)$", log.read_text(), re.M)
+    assert any("Linux version" in line for line in kernel_lines)
+    assert any("Kernel panic - not syncing" in line for line in kernel_lines)
