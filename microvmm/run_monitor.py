@@ -71,6 +71,13 @@ def _has_any(chunk: bytes, words: tuple[bytes, ...]) -> bool:
     return any(word in chunk for word in words)
 
 
+class KernelLogKind(enum.Enum):
+    """What a port is to the kernel's log."""
+
+    DEDICATED = "only the kernel writes there"
+    SHARED = "the kernel and user space write there"
+
+
 @dataclass(frozen=True)
 class KernelLogSources:
     """Where the kernel's log reaches the host.
@@ -83,11 +90,11 @@ class KernelLogSources:
     dedicated: str | None = None
     shared: frozenset[str] = frozenset()
 
-    def kind(self, port: str) -> str | None:
-        """'dedicated', 'shared' or None (not a kernel-log source)."""
+    def kind(self, port: str) -> KernelLogKind | None:
+        """None: not a kernel-log source."""
         if port == self.dedicated:
-            return "dedicated"
-        return "shared" if port in self.shared else None
+            return KernelLogKind.DEDICATED
+        return KernelLogKind.SHARED if port in self.shared else None
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,6 @@ class RunMonitor:
         #: Called with "System halted" or "Power down" (see KERNEL_STOP_LINE).
         self._on_kernel_stop = on_kernel_stop
         self.kernel_log = kernel_log
-        #: When the dedicated kernel-log port first said anything (None: never).
-        self.kernel_log_seen: float | None = None
         self.failures: list[Failure] = []
         self.boot_time: float | None = None
         self.expect_time: float | None = None
@@ -157,8 +162,6 @@ class RunMonitor:
                 complete.append(rest)
                 rest = b""
             self._partial[port] = rest
-            if self.kernel_log_seen is None and port == self.kernel_log.dedicated:
-                self.kernel_log_seen = now - self.started
             if complete:
                 self._lines_done(port, [line.rstrip(b"\r") for line in complete], now - self.started, events)
             # The boot marker and --expect may sit on an unfinished line (a prompt).
@@ -182,7 +185,7 @@ class RunMonitor:
         source = self.kernel_log.kind(port)
         if source is not None and _has_any(chunk, _FAILURE_WORDS):
             for line in lines:
-                if source == "dedicated" or KERNEL_LINE_FORM.match(line):
+                if source is KernelLogKind.DEDICATED or KERNEL_LINE_FORM.match(line):
                     self._failure_line(port, line, at, events)
         if source is not None and self._on_kernel_stop is not None and _KERNEL_STOP_WORD in chunk:
             for line in lines:
@@ -208,7 +211,8 @@ class RunMonitor:
             return True
         source = self.kernel_log.kind(port)
         return bool(KERNEL_INIT_MARKER.search(line)) and (
-            source == "dedicated" or (source == "shared" and KERNEL_LINE_FORM.match(line) is not None))
+            source is KernelLogKind.DEDICATED
+            or (source is KernelLogKind.SHARED and KERNEL_LINE_FORM.match(line) is not None))
 
     def _match_marks(self, port: str, line: bytes, at: float, events: list) -> None:
         if (self.boot_time is None and _has_any(line, _BOOT_WORDS)

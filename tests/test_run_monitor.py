@@ -144,12 +144,3 @@ def test_kernel_init_line_is_a_boot_marker_only_from_the_kernel():
     other.feed("con", b"microvmm: init reached\r\n")
     assert other.boot_time is not None
 
-
-def test_the_kernel_log_port_is_noted_when_it_first_speaks():
-    clock = Clock()
-    monitor = RunMonitor(kernel_log=KMSG, clock=clock)
-    monitor.feed("serial", b"x\n")
-    assert monitor.kernel_log_seen is None
-    clock.now = 103.0
-    monitor.feed(KERNEL_LOG_PORT, b"[    0.000000] Linux version 6.1\n")
-    assert monitor.kernel_log_seen == 3.0
