@@ -144,6 +144,9 @@ class Vmm:
         self._kernel_log_restart = False
         self._kernel_log_next_seq = 0
         self._kernel_log_repeat = b""
+        self._kernel_log_partial = b""
+        #: The last complete line the port carried (where teardown's read resumes).
+        self._kernel_log_last_line = b""
         #: The I/O thread (port bytes, polls) and teardown's last read share the above.
         self._kernel_log_lock = threading.Lock()
         self._log_symbol_table: dict[str, int] | None = None
@@ -930,6 +933,11 @@ class Vmm:
         if data:
             self.monitor.feed(KERNEL_LOG_PORT, data)
             self._show_kernel_log(data)
+            lines = (self._kernel_log_partial + data).split(b"\n")
+            self._kernel_log_partial = lines[-1][-4096:]
+            complete = [line.rstrip(b"\r") for line in lines[:-1] if line.strip()]
+            if complete:
+                self._kernel_log_last_line = complete[-1]
 
     def _show_kernel_log(self, data: bytes) -> None:
         if self._kernel_log_sink is not None:
@@ -945,15 +953,30 @@ class Vmm:
         return log_symbols(path)
 
     def _recover_kernel_log(self) -> None:
-        """The vCPUs have stopped before the log port carried anything (an
-        early panic, then panic=-1's reset): the rest of the log from guest
-        RAM, so that a panic is shown and matched like any other."""
+        """The vCPUs have stopped: what the port did not carry, from guest RAM.
+        Before the port came up, that is all after the last poll (an early
+        panic, then panic=-1's reset): a panic is shown and matched like any
+        other. After, it is what the kernel printed once its devices were shut
+        down for a reboot (`reboot: Restarting system` never reaches the port)."""
         with self._kernel_log_lock:
-            if not self.kernel_console.kmsg or self._kernel_log_port_up or not self.runners:
+            if not self.kernel_console.kmsg or not self.runners:
                 return
             records = self._kernel_records(finalized_only=False)
-            if records is not None:
-                self._show_records(records)
+            if records is None:
+                return
+            if self._kernel_log_port_up:
+                last = self._kernel_log_last_line
+                for index in range(len(records) - 1, -1, -1):
+                    if last and last in records[index].console_text().split(b"\n"):
+                        break
+                else:
+                    return  # the port's last line is not in the ring: nothing to add with confidence
+                records = records[index + 1:]
+                if self._kernel_log_partial.strip():  # end the port's unfinished line first
+                    self.monitor.feed(KERNEL_LOG_PORT, b"\r\n")
+                    self._show_kernel_log(b"\r\n")
+                self._kernel_log_next_seq = 0
+            self._show_records(records)
 
     def _flush_serial(self) -> None:
         """Pass on serial bytes still waiting for the end of their line (before a
