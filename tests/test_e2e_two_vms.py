@@ -45,8 +45,9 @@ def vms(tmp_path_factory):
         client.wait_for_shell(BOOT_TIMEOUT)
         print(f"\ntwo VMs booted to their shells in {time.monotonic() - started:.1f} s")
         server_ports, client_ports = virtio_ports(server), virtio_ports(client)
-        assert set(server_ports) == {"link"}, server_ports
-        assert set(client_ports) == {"link"}, client_ports
+        # the user's port, then the kernel's log port microvmm adds
+        assert list(server_ports) == ["link", "microvmm.kmsg"], server_ports
+        assert list(client_ports) == ["link", "microvmm.kmsg"], client_ports
         yield LinkedVms(server, client, socket_path, server_ports["link"], client_ports["link"])
     finally:
         if client is not None:
