@@ -151,6 +151,7 @@ class Vmm:
         self._kernel_log_lock = threading.Lock()
         self._log_symbol_table: dict[str, int] | None = None
         self._log_read_failed = False
+        self._log_cursor = None
         self._kernel_log_sink: _OutputSink | None = None
         self._failure: Failure | None = None
         self._timeout_kind: str | None = None
@@ -855,7 +856,7 @@ class Vmm:
 
     def _start_kernel_log_poll(self) -> None:
         if self.kernel_console.kmsg:
-            self._kernel_records(finalized_only=True)  # reads System.map now, before any seccomp filter
+            self._kernel_records(finalized_only=True)  # System.map read now, before any seccomp filter
             self.loop.call_soon_threadsafe(self._poll_kernel_log)
 
     def _kernel_records(self, finalized_only: bool):
@@ -890,11 +891,17 @@ class Vmm:
         self._show_kernel_log(text)
 
     def _poll_kernel_log(self) -> None:
+        from microvmm.diag.kernel_log import KernelLogCursor, KernelLogError, console_filter
         with self._kernel_log_lock:
-            if self._kernel_log_port_up or self._stopped.is_set():
+            if self._kernel_log_port_up or self._stopped.is_set() or not self._log_symbol_table:
                 return
-            records = self._kernel_records(finalized_only=True)  # the newest may still grow
-            if records is None:
+            if self._log_cursor is None:
+                self._log_cursor = KernelLogCursor(self.memory, self._log_symbol_table)
+            try:
+                # only new, finalized records: the newest may still grow
+                records = console_filter(self.memory, self._log_symbol_table, self._log_cursor.new_records())
+            except KernelLogError as err:
+                logger.warning("cannot read the guest kernel's log from its RAM: %s", err)
                 return
             self._show_records(records)
         self.loop.call_later(KERNEL_LOG_POLL, self._poll_kernel_log)

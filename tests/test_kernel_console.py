@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from microvmm.boot.initrd import LoadedInitrd, command_archive, place_initrd, prepend_archive
-from microvmm.diag.kernel_log import (DIRECT_MAP_BASE, KERNEL_IMAGE_BASE, KernelLogError, console_records,
-                                      log_symbols, read_kernel_log)
+from microvmm.diag.kernel_log import (DIRECT_MAP_BASE, KERNEL_IMAGE_BASE, KernelLogCursor, KernelLogError,
+                                      console_records, log_symbols, read_kernel_log)
 from microvmm.memory import GuestMemory
 from microvmm.run_monitor import KERNEL_LOG_PORT, SERIAL_PORT
 from microvmm.virtio_console.spec import parse_port_spec
@@ -121,8 +121,9 @@ def _fake_ring(mem: GuestMemory, records: list[tuple[int, int, int, bytes]], lev
         mem.write(infos + 88 * index, struct.pack("<QQHBBI", seq, ts, len(text), 0, level << 5, 0))
     # one reusable slot with garbage: skipped
     mem.write(descs + 24 * len(records), struct.pack("<QQQ", (3 << 62) | 99, 0, 8))
+    head = max(len(records) - 1, 0)  # descriptor ids 0..n-1 (tail 0)
     mem.write(ring, struct.pack("<I4xQQQQQI4xQQQQ", count_bits, KERNEL_IMAGE_BASE + descs, KERNEL_IMAGE_BASE + infos,
-                                0, 0, 0, size_bits, DIRECT_MAP_BASE + data, 0, 0, 0))
+                                head, 0, 0, size_bits, DIRECT_MAP_BASE + data, 0, 0, 0))
     mem.write(prb, struct.pack("<Q", KERNEL_IMAGE_BASE + ring))
     mem.write(printk, struct.pack("<I", level_limit))
     return {"prb": KERNEL_IMAGE_BASE + prb, "console_printk": KERNEL_IMAGE_BASE + printk}
@@ -175,5 +176,20 @@ def test_a_running_guest_s_newest_record_waits_until_finalized():
         mem.write(0x11000 + 24, struct.pack("<Q", (1 << 62) | 1))  # record 1: committed, not finalized
         assert [r.text for r in read_kernel_log(mem, symbols, finalized_only=True)] == [b"done"]
         assert [r.text for r in read_kernel_log(mem, symbols)] == [b"done", b"still growin"]
+    finally:
+        mem.close()
+
+
+def test_the_cursor_reads_each_finalized_record_once():
+    mem = GuestMemory([(0, 1 << 20)])
+    try:
+        symbols = _fake_ring(mem, [(0, 1, 6, b"one"), (1, 2, 6, b"two"), (2, 3, 6, b"three")])
+        mem.write(0x11000 + 2 * 24, struct.pack("<Q", (1 << 62) | 2))  # "three": committed, still growing
+        cursor = KernelLogCursor(mem, symbols)
+        assert [r.text for r in cursor.new_records()] == [b"one", b"two"]
+        assert cursor.new_records() == []  # nothing new, nothing again
+        mem.write(0x11000 + 2 * 24, struct.pack("<Q", (2 << 62) | 2))  # finalized now
+        assert [r.text for r in cursor.new_records()] == [b"three"]
+        assert cursor.new_records() == []
     finally:
         mem.close()

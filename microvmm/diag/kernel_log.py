@@ -42,7 +42,8 @@ _DESC = struct.Struct("<QQQ")                    # state_var, text_blk_lpos.begi
 _INFO = struct.Struct("<QQHBBI")                 # seq, ts_nsec, text_len, facility, flags:5|level:3, caller_id
 _INFO_SIZE = _INFO.size + 16 + 48               # + struct dev_printk_info
 _STATE_SHIFT = 62
-_STATE_COMMITTED, _STATE_FINALIZED = 1, 2
+_STATE_COMMITTED, _STATE_FINALIZED, _STATE_REUSABLE = 1, 2, 3
+_ID_MASK = (1 << _STATE_SHIFT) - 1
 _MAX_COUNT_BITS = 24                             # far above any real log (2^LOG_BUF_SHIFT / 32 descriptors)
 _MAX_SIZE_BITS = 30
 
@@ -98,46 +99,123 @@ def _symbol(symbols: dict[str, int], name: str) -> int:
     return address
 
 
+@dataclass(frozen=True)
+class _Ring:
+    """struct printk_ringbuffer's fields that matter, as guest physical addresses."""
+
+    count_bits: int
+    descs: int
+    infos: int
+    head_id: int
+    tail_id: int
+    size_bits: int
+    data: int
+
+
+def _read_ring(memory: "GuestMemory", symbols: dict[str, int]) -> _Ring:
+    from microvmm.memory import GuestMemoryError
+    try:
+        ring_address = memory.read_u64(guest_physical(_symbol(symbols, "prb")))
+        (count_bits, descs, infos, head_id, tail_id, _last_id,
+         size_bits, data, _head_lpos, _tail_lpos, _fail) = _RING.unpack(
+            memory.read(guest_physical(ring_address), _RING.size))
+    except GuestMemoryError as err:
+        raise KernelLogError(f"the ring buffer is not in guest RAM: {err}") from err
+    if not 0 < count_bits <= _MAX_COUNT_BITS or not 0 < size_bits <= _MAX_SIZE_BITS:
+        raise KernelLogError(f"implausible ring buffer ({count_bits} descriptor bits, {size_bits} data bits)")
+    return _Ring(count_bits, guest_physical(descs), guest_physical(infos), head_id & _ID_MASK,
+                 tail_id & _ID_MASK, size_bits, guest_physical(data))
+
+
+def _text_block(begin: int, end: int, size_bits: int) -> tuple[int, int] | None:
+    """Where a record's data block is in the text ring: (start, end) offsets."""
+    size = 1 << size_bits
+    if begin & 1 or end & 1:
+        return None  # a record without text (FAILED_LPOS/NO_LPOS)
+    if begin >> size_bits == end >> size_bits and begin < end:
+        return begin & (size - 1), ((end - 1) & (size - 1)) + 1
+    if (begin + size) >> size_bits == end >> size_bits:
+        return 0, end & (size - 1)  # a block that wrapped sits at the ring's start
+    return None
+
+
+def _record(info: bytes | memoryview, block: tuple[int, int] | None,
+            text_ring: bytes | memoryview) -> KernelLogRecord | None:
+    if block is None:
+        return None
+    seq, ts_nsec, text_len, _facility, flags_level, _caller = _INFO.unpack_from(info)
+    text_start = block[0] + 8  # after the block's id
+    if text_start + text_len > block[1]:
+        return None
+    return KernelLogRecord(seq, ts_nsec, flags_level >> 5, bytes(text_ring[text_start:text_start + text_len]))
+
+
 def read_kernel_log(memory: "GuestMemory", symbols: dict[str, int],
                     finalized_only: bool = False) -> list[KernelLogRecord]:
     """Every committed record of the guest kernel's printk ring, oldest first.
 
     `finalized_only`: not the newest record while a continuation may still
     extend it (a guest that runs meanwhile)."""
-    readable = (_STATE_FINALIZED,) if finalized_only else (_STATE_COMMITTED, _STATE_FINALIZED)
     from microvmm.memory import GuestMemoryError
+    readable = (_STATE_FINALIZED,) if finalized_only else (_STATE_COMMITTED, _STATE_FINALIZED)
+    ring = _read_ring(memory, symbols)
+    count = 1 << ring.count_bits
     try:
-        ring_address = memory.read_u64(guest_physical(_symbol(symbols, "prb")))
-        (count_bits, descs, infos, _head_id, _tail_id, _last_id,
-         size_bits, data, _head_lpos, _tail_lpos, _fail) = _RING.unpack(
-            memory.read(guest_physical(ring_address), _RING.size))
-        if not 0 < count_bits <= _MAX_COUNT_BITS or not 0 < size_bits <= _MAX_SIZE_BITS:
-            raise KernelLogError(f"implausible ring buffer ({count_bits} descriptor bits, {size_bits} data bits)")
-        count, size = 1 << count_bits, 1 << size_bits
-        desc_table = memory.read(guest_physical(descs), count * _DESC.size)
-        info_table = memory.read(guest_physical(infos), count * _INFO_SIZE)
-        text_ring = memory.read(guest_physical(data), size)
+        desc_table = memory.read(ring.descs, count * _DESC.size)
+        info_table = memory.view(ring.infos, count * _INFO_SIZE)
+        text_ring = memory.view(ring.data, 1 << ring.size_bits)
     except GuestMemoryError as err:
         raise KernelLogError(f"the ring buffer is not in guest RAM: {err}") from err
     records = []
     for index in range(count):
         state_var, begin, end = _DESC.unpack_from(desc_table, index * _DESC.size)
-        if state_var >> _STATE_SHIFT not in readable or begin & 1 or end & 1:
-            continue  # reserved or reusable, or a record without text (FAILED_LPOS/NO_LPOS)
-        seq, ts_nsec, text_len, _facility, flags_level, _caller = _INFO.unpack_from(info_table, index * _INFO_SIZE)
-        if begin >> size_bits == end >> size_bits and begin < end:
-            start, block_end = begin & (size - 1), ((end - 1) & (size - 1)) + 1
-        elif (begin + size) >> size_bits == end >> size_bits:
-            start, block_end = 0, end & (size - 1)  # a block that wrapped sits at the ring's start
-        else:
-            continue
-        text_start = start + 8  # after the block's id
-        if text_start + text_len > block_end:
-            continue
-        records.append(KernelLogRecord(seq, ts_nsec, flags_level >> 5,
-                                       bytes(text_ring[text_start:text_start + text_len])))
+        if state_var >> _STATE_SHIFT not in readable:
+            continue  # reserved or reusable
+        record = _record(info_table[index * _INFO_SIZE:(index + 1) * _INFO_SIZE],
+                         _text_block(begin, end, ring.size_bits), text_ring)
+        if record is not None:
+            records.append(record)
     records.sort(key=lambda record: record.seq)
     return records
+
+
+class KernelLogCursor:
+    """The finalized records added since the last call, for polling a running
+    guest: a few small reads per new record instead of the whole ring (which
+    costs a running guest's VMM real CPU time, where Python runs slowly)."""
+
+    def __init__(self, memory: "GuestMemory", symbols: dict[str, int]):
+        self._memory = memory
+        self._symbols = symbols
+        self._next_id: int | None = None
+
+    def new_records(self) -> list[KernelLogRecord]:
+        from microvmm.memory import GuestMemoryError
+        ring = _read_ring(self._memory, self._symbols)
+        count = 1 << ring.count_bits
+        if self._next_id is None or (ring.head_id + 1 - self._next_id) & _ID_MASK > count:
+            self._next_id = ring.tail_id  # the first call, or the ring went round meanwhile
+        records: list[KernelLogRecord] = []
+        text_ring = None
+        try:
+            for _ in range((ring.head_id + 1 - self._next_id) & _ID_MASK):
+                index = self._next_id & (count - 1)
+                state_var, begin, end = _DESC.unpack(self._memory.read(ring.descs + index * _DESC.size, _DESC.size))
+                if state_var & _ID_MASK != self._next_id or state_var >> _STATE_SHIFT != _STATE_FINALIZED:
+                    if state_var & _ID_MASK == self._next_id and state_var >> _STATE_SHIFT == _STATE_REUSABLE:
+                        self._next_id = (self._next_id + 1) & _ID_MASK  # gone already: skip it
+                        continue
+                    break  # not written yet, or still growing
+                if text_ring is None:
+                    text_ring = self._memory.view(ring.data, 1 << ring.size_bits)
+                record = _record(self._memory.view(ring.infos + index * _INFO_SIZE, _INFO_SIZE),
+                                 _text_block(begin, end, ring.size_bits), text_ring)
+                if record is not None:
+                    records.append(record)
+                self._next_id = (self._next_id + 1) & _ID_MASK
+        except GuestMemoryError as err:
+            raise KernelLogError(f"the ring buffer is not in guest RAM: {err}") from err
+        return records
 
 
 def console_loglevel(memory: "GuestMemory", symbols: dict[str, int]) -> int | None:
@@ -152,7 +230,12 @@ def console_loglevel(memory: "GuestMemory", symbols: dict[str, int]) -> int | No
 def console_records(memory: "GuestMemory", symbols: dict[str, int],
                     finalized_only: bool = False) -> list[KernelLogRecord]:
     """The records a console would have shown (level below console_loglevel)."""
-    records = read_kernel_log(memory, symbols, finalized_only)
+    return console_filter(memory, symbols, read_kernel_log(memory, symbols, finalized_only))
+
+
+def console_filter(memory: "GuestMemory", symbols: dict[str, int],
+                   records: list[KernelLogRecord]) -> list[KernelLogRecord]:
+    """Those of `records` a console would have shown (level below console_loglevel)."""
     level = console_loglevel(memory, symbols)
     if level is None or not 0 < level <= 15:
         return records
