@@ -286,8 +286,8 @@ def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
     full = kernel_cmdline(cmdline, quirks.cmdline_additions, args.command)
     length = len(full.encode())
     if length > KERNEL_CMDLINE_MAX:
-        parts = ["--cmdline/--append"] + (["the host workarounds"] if quirks.cmdline_additions else []) + \
-            (["the '-- CMD' command"] if args.command is not None else [])
+        # (a `-- CMD` is on it only when it fits: it travels in the initramfs)
+        parts = ["--cmdline/--append"] + (["the host workarounds"] if quirks.cmdline_additions else [])
         raise UsageError(f"the kernel command line would be {length} bytes ({', '.join(parts)}), "
                          f"more than Linux keeps ({KERNEL_CMDLINE_MAX}): shorten it")
 

@@ -189,7 +189,7 @@ class RunMonitor:
                     self._failure_line(port, line, at, events)
         if source is not None and self._on_kernel_stop is not None and _KERNEL_STOP_WORD in chunk:
             for line in lines:
-                if source == "dedicated" or KERNEL_LINE_FORM.match(line):
+                if source is KernelLogKind.DEDICATED or KERNEL_LINE_FORM.match(line):
                     if match := KERNEL_STOP_LINE.search(line):
                         events.append(lambda what=match.group(1).decode(): self._on_kernel_stop(what))
         if (self.boot_time is None and _has_any(chunk, _BOOT_WORDS)) or \

@@ -891,9 +891,13 @@ class Vmm:
         self._show_kernel_log(text)
 
     def _poll_kernel_log(self) -> None:
+        """Until the port speaks: show the new records. After: watch only for
+        Linux's `reboot: ...` lines, which it prints once it has shut its
+        devices down (the port among them): the halt and power-off lines the
+        VMM acts on (_kernel_stopping) come this way."""
         from microvmm.diag.kernel_log import KernelLogCursor, KernelLogError, console_filter
         with self._kernel_log_lock:
-            if self._kernel_log_port_up or self._stopped.is_set() or not self._log_symbol_table:
+            if self._stopped.is_set() or not self._log_symbol_table:
                 return
             if self._log_cursor is None:
                 self._log_cursor = KernelLogCursor(self.memory, self._log_symbol_table)
@@ -903,7 +907,10 @@ class Vmm:
             except KernelLogError as err:
                 logger.warning("cannot read the guest kernel's log from its RAM: %s", err)
                 return
-            self._show_records(records)
+            if not self._kernel_log_port_up:
+                self._show_records(records)
+            elif any(record.text.startswith(b"reboot: ") for record in records):
+                self._show_port_tail()
         self.loop.call_later(KERNEL_LOG_POLL, self._poll_kernel_log)
 
     def _kernel_log_output(self, data: bytes) -> None:
@@ -968,22 +975,32 @@ class Vmm:
         with self._kernel_log_lock:
             if not self.kernel_console.kmsg or not self.runners:
                 return
-            records = self._kernel_records(finalized_only=False)
-            if records is None:
-                return
             if self._kernel_log_port_up:
-                last = self._kernel_log_last_line
-                for index in range(len(records) - 1, -1, -1):
-                    if last and last in records[index].console_text().split(b"\n"):
-                        break
-                else:
-                    return  # the port's last line is not in the ring: nothing to add with confidence
-                records = records[index + 1:]
-                if self._kernel_log_partial.strip():  # end the port's unfinished line first
-                    self.monitor.feed(KERNEL_LOG_PORT, b"\r\n")
-                    self._show_kernel_log(b"\r\n")
-                self._kernel_log_next_seq = 0
-            self._show_records(records)
+                self._show_port_tail()
+                return
+            records = self._kernel_records(finalized_only=False)
+            if records is not None:
+                self._show_records(records)
+
+    def _show_port_tail(self) -> None:
+        """The records after the port's last line, from guest RAM (once each)."""
+        records = self._kernel_records(finalized_only=False)
+        last = self._kernel_log_last_line
+        if records is None or not last:
+            return
+        for index in range(len(records) - 1, -1, -1):
+            if last in records[index].console_text().split(b"\n"):
+                break
+        else:
+            return  # the port's last line is not in the ring: nothing to add with confidence
+        # (the records before the port's first all have lower sequence numbers:
+        # _show_records shows each of these once)
+        tail = [record for record in records[index + 1:] if record.seq >= self._kernel_log_next_seq]
+        if tail and self._kernel_log_partial.strip():  # end the port's unfinished line first
+            self.monitor.feed(KERNEL_LOG_PORT, b"\r\n")
+            self._show_kernel_log(b"\r\n")
+            self._kernel_log_partial = b""
+        self._show_records(tail)
 
     def _flush_serial(self) -> None:
         """Pass on serial bytes still waiting for the end of their line (before a

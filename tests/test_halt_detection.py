@@ -167,7 +167,11 @@ def test_vmm_goes_on_when_a_vcpu_keeps_running(monkeypatch):
     running, silent = _FakeRunner([False]), _FakeRunner([None])
     for runners in ((running,), (_FakeRunner([True]), silent)):
         vmm = _vmm_with(monkeypatch, *runners)
+        # typed at a shell that shares the kernel's console: not the kernel's form, not even looked at
         vmm.monitor.feed("serial", b"microvmm# echo 'reboot: System halted'\r\nreboot: System halted\r\n")
+        assert vmm._halt_check is None
+        # the kernel's form (or such a line printed with a timestamp): the vCPUs are looked at
+        vmm.monitor.feed("serial", b"[   12.345678] reboot: System halted\r\n")
         vmm._halt_check.join(5)
         assert not vmm._halt_check.is_alive()
         assert vmm._stop is None and not vmm._stopped.is_set()
