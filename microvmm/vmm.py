@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
 from microvmm.hostinfo import HostKind
-from microvmm.run_monitor import KERNEL_LOG_PORT, SERIAL_PORT, Failure, KernelLogSources, RunMonitor
+from microvmm.run_monitor import (KERNEL_LINE_FORM, KERNEL_LOG_PORT, SERIAL_PORT, Failure, KernelLogSources,
+                                  RunMonitor)
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
 from microvmm.vmprep import VmmError, VmPreparation
@@ -949,7 +950,8 @@ class Vmm:
             self._show_kernel_log(data)
             lines = (self._kernel_log_partial + data).split(b"\n")
             self._kernel_log_partial = lines[-1][-4096:]
-            complete = [line.rstrip(b"\r") for line in lines[:-1] if line.strip()]
+            # (only the kernel's own lines: where its ring buffer is searched later)
+            complete = [line.rstrip(b"\r") for line in lines[:-1] if KERNEL_LINE_FORM.match(line)]
             if complete:
                 self._kernel_log_last_line = complete[-1]
 
