@@ -345,7 +345,7 @@ class EmulationFailingVcpu:
     def get_sregs(self):
         return self._sregs
 
-    def inject_exception(self, vector: int) -> None:
+    def inject_exception_as_is(self, vector: int) -> None:
         self.injected.append(vector)
 
     def translate(self, gva: int) -> tuple[int, bool]:

@@ -22,10 +22,11 @@ from microvmm.kvm.constants import (
     SystemEvent,
     VcpuEventValid,
 )
-from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError
+from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError, SoftExceptionError
 from microvmm.kvm.state import CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 from microvmm.kvm.system import Kvm
 from microvmm.kvm.vcpu import (
+    SOFT_EXCEPTION_VECTORS,
     DebugExit,
     EmulationFailure,
     FailEntry,
@@ -48,10 +49,10 @@ __all__ = [
     "Cap", "ExitReason", "GuestDebugFlag", "InternalErrorSuberror", "IoDirection",
     "IoeventfdFlag", "Ioctl", "Irqchip", "IrqfdFlag", "IrqRoutingType", "MemFlag",
     "MpState", "SystemEvent", "VcpuEventValid",
-    "KvmError", "KvmExitDataError", "KvmUnavailableError",
+    "KvmError", "KvmExitDataError", "KvmUnavailableError", "SoftExceptionError",
     "CpuidEntry", "DTable", "ExceptionEvent", "Fpu", "InterruptEvent", "NmiEvent",
     "Regs", "Segment", "SmiEvent", "Sregs", "VcpuEvents",
     "Kvm", "Vm", "Vcpu", "IrqchipRoute", "MsiRoute",
     "DebugExit", "EmulationFailure", "FailEntry", "InternalError", "IoExit", "MmioExit",
-    "SystemEventExit",
+    "SystemEventExit", "SOFT_EXCEPTION_VECTORS",
 ]

@@ -17,7 +17,7 @@ from microvmm.kvm.constants import (
     Ioctl,
     MpState,
 )
-from microvmm.kvm.errors import KvmError, KvmExitDataError
+from microvmm.kvm.errors import KvmError, KvmExitDataError, SoftExceptionError
 from microvmm.kvm.state import CpuidEntry, Fpu, Regs, Sregs
 
 if TYPE_CHECKING:
@@ -32,6 +32,10 @@ _MMIO_DATA_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "data")
 _KVM_RUN_SIZE = ffi.sizeof("struct kvm_run")
 _IO_SIZES = (1, 2, 4)
 _MAX_EXCEPTION_VECTOR = 31
+_NMI_VECTOR = 2
+#: The vectors KVM injects as software exceptions (x86.c kvm_exception_is_soft):
+#: #BP, raised by INT3, and #OF, raised by INTO.
+SOFT_EXCEPTION_VECTORS = frozenset({3, 4})
 _MAX_DEBUGREGS = 8
 
 
@@ -293,11 +297,52 @@ class Vcpu:
         ioctl(self.fileno(), Ioctl.KVM_SET_VCPU_EVENTS, c)
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
-        """Make the guest take exception ``vector`` on the next entry
-        (KVM_SET_VCPU_EVENTS, exception.injected = 1). Used e.g. to deliver
-        #BP for an ``int3`` this host's emulator could not execute."""
+        """Make the guest take exception ``vector`` at its current RIP on the
+        next KVM_RUN, as if the instruction at RIP had faulted: the exception
+        frame holds RIP itself (KVM_SET_VCPU_EVENTS, exception.injected = 1).
+        That is what VMX, SVM and kvm_pvm all do for a hardware exception.
+
+        #BP (3) and #OF (4) raise SoftExceptionError. KVM injects those as
+        *software* exceptions, the completion of an INT3/INTO instruction at
+        RIP, whose frame must hold the address after it, and each KVM gets
+        that address its own way (read in the Linux and PVM sources):
+
+        - SVM (svm_inject_exception -> svm_update_soft_interrupt_rip) skips the
+          instruction at RIP first: with the VMCB's NextRIP when the last
+          #VMEXIT left one there (stale after an unrelated exit), else by
+          decoding it; since the fix for replaced INT3s (x86.c
+          is_soft_int_instruction; the Debian 6.1 kernel of the nested-SVM
+          lane has it) it drops the event unless that instruction is
+          INT3/INTO: the guest never sees it and re-runs the instruction (on
+          a `jmp $`, for ever).
+        - VMX (vmx_inject_exception) enters with VM_ENTRY_INSTRUCTION_LEN =
+          the length of the last exit's instruction (event_exit_inst_len),
+          right only after a #BP intercept (guest debugging), else stale or 0.
+        - kvm_pvm (pvm_inject_exception -> do_pvm_event) delivers it at the
+          current RIP like a fault, with no instruction length.
+
+        So no (RIP, event) pair means the same on all of them, and
+        KVM_GET_VCPU_EVENTS never reports a soft exception ("The API doesn't
+        provide the instruction length for software exceptions"). Code that
+        knows its KVM uses ``inject_exception_as_is`` (the kvm_pvm int3
+        workaround in vcpu_runner.py does).
+        """
+        if vector in SOFT_EXCEPTION_VECTORS:
+            raise SoftExceptionError(
+                f"exception vector {vector} (#{'BP' if vector == 3 else 'OF'}) is a software "
+                "exception: KVM completes the INT3/INTO at RIP differently on SVM, VMX and "
+                "kvm_pvm; see Vcpu.inject_exception")
+        self.inject_exception_as_is(vector, error_code)
+
+    def inject_exception_as_is(self, vector: int, error_code: int | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS with exception ``vector`` injected, #BP and #OF
+        included, leaving RIP and the delivery to this KVM's own rules (see
+        inject_exception). The vector and error code are checked."""
         if not 0 <= vector <= _MAX_EXCEPTION_VECTOR:
             raise ValueError(f"exception vector {vector} is not 0..31")
+        if vector == _NMI_VECTOR:
+            # An interrupt, not an exception: KVM_SET_VCPU_EVENTS refuses it (EINVAL).
+            raise ValueError("vector 2 is the NMI, not an exception: inject it as an NMI")
         if error_code is not None and not 0 <= error_code <= 0xFFFF_FFFF:
             raise ValueError(f"error code {error_code:#x} does not fit in 32 bits")
         from microvmm.kvm.events import ExceptionEvent
