@@ -276,6 +276,7 @@ class Vmm:
         names (serial file, console port backends) so that those fail before the
         guest runs. Devices come later (_build_devices)."""
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
+        from microvmm.kvm import KVM_SYNC_X86_REGS, Cap
 
         config = self.config
         self.kernel_console = plan = plan_kernel_console(config)
@@ -316,6 +317,9 @@ class Vmm:
         self.boot = boot
         self._announce_payload_workaround(boot)
         self._gate = gate = DeviceGate()
+        # Each exit's registers in kvm_run, for where a vCPU that KVM resets on a
+        # triple fault (AMD) was last seen.
+        sync_regs = bool(vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
@@ -325,7 +329,8 @@ class Vmm:
             if index == 0:
                 self._set_boot_state(vcpu, boot)
             runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
-                                on_stop=self._vcpu_stopped, gate=gate)
+                                on_stop=self._vcpu_stopped, gate=gate,
+                                exit_regs=vcpu.sync_registers_at_exit() if sync_regs else None)
             self.runners.append(runner)
 
     def _planned_pci_irqs(self) -> list:
@@ -767,10 +772,12 @@ class Vmm:
             return VmOutcome(ExitCode.TIMEOUT, f"timeout: {self._timeout_kind}",
                              report=f"{lines_report}\nwhere the vCPUs were:\n{self._timeout_report}")
         if stop.fatal:
-            from microvmm.diag.report import format_snapshot  # deferred: diagnostics only
+            from microvmm.diag.report import format_last_seen, format_snapshot  # deferred
             report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
             if stop.snapshot:
                 report.append(format_snapshot(stop.snapshot, self.symbols))
+            elif stop.vcpu_reset and stop.last_seen:
+                report.append(format_last_seen(stop.last_seen, self.symbols))
             report.append(lines_report)
             code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
             return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))

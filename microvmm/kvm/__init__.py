@@ -7,6 +7,7 @@ no compiler at run time); ioctl numbers are computed with ioctl_opt.
 from microvmm.kvm.constants import (
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYNC_X86_REGS,
     Cap,
     ExitReason,
     GuestDebugFlag,
@@ -45,7 +46,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
 
 
 __all__ = [
-    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY", "KVM_SYNC_X86_REGS",
     "Cap", "ExitReason", "GuestDebugFlag", "InternalErrorSuberror", "IoDirection",
     "IoeventfdFlag", "Ioctl", "Irqchip", "IrqfdFlag", "IrqRoutingType", "MemFlag",
     "MpState", "SystemEvent", "VcpuEventValid",

@@ -13,6 +13,7 @@ from microvmm.kvm._ffi import ffi, libc
 from microvmm.kvm._ioctl import ioctl
 from microvmm.kvm.constants import (
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_SYNC_X86_REGS,
     ExitReason,
     Ioctl,
     MpState,
@@ -30,6 +31,8 @@ _EXIT_INTR = int(ExitReason.INTR)
 _RUN_INTERRUPTED = (errno.EINTR, errno.EAGAIN)
 _MMIO_DATA_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "data")
 _KVM_RUN_SIZE = ffi.sizeof("struct kvm_run")
+_SYNC_REGS_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs")
+_SYNC_REGS_SIZE = ffi.sizeof("struct kvm_regs")
 _IO_SIZES = (1, 2, 4)
 _MAX_EXCEPTION_VECTOR = 31
 _NMI_VECTOR = 2
@@ -152,6 +155,15 @@ class Vcpu:
     @request_interrupt_window.setter
     def request_interrupt_window(self, value: bool) -> None:
         self._run.request_interrupt_window = 1 if value else 0
+
+    def sync_registers_at_exit(self) -> memoryview:
+        """Have KVM copy the general registers into kvm_run at every exit
+        (kvm_valid_regs = KVM_SYNC_X86_REGS; check Cap.SYNC_REGS first) and
+        return a read-only view of them: the registers of the last exit, valid
+        until the next run(). ``Regs.from_bytes`` decodes a copy. Costs no
+        ioctl: KVM writes them while it returns from KVM_RUN."""
+        self._run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        return self._view[_SYNC_REGS_OFFSET:_SYNC_REGS_OFFSET + _SYNC_REGS_SIZE].toreadonly()
 
     def run(self) -> int:
         """KVM_RUN. Returns the exit reason (an ExitReason value), or
