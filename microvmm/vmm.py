@@ -246,10 +246,12 @@ class Vmm:
         if kind is HostKind.HARDWARE:
             return
         if self.quirks.active:
+            hidden = self.quirks.hidden_kvm_pv_features.name  # "A|B", None when empty
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
                   "boot takes minutes, not milliseconds; applying host workarounds (extra command "
                   "line options, #BP for int3, skipping fwait, a bzImage's payload decompressed "
-                  "on the host). --no-host-workarounds turns them off.",
+                  f"on the host, KVM PV features using hypercalls hidden: {hidden or 'none'}). "
+                  "--no-host-workarounds turns them off.",
                   file=sys.stderr)
         else:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
@@ -324,7 +326,8 @@ class Vmm:
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
             # KVM's own CpuidEntry objects in, the same type out (boot/cpuid.py).
-            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus))
+            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus,
+                                       quirks.hidden_kvm_pv_features))
             vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
             if index == 0:
                 self._set_boot_state(vcpu, boot)

@@ -402,6 +402,34 @@ def test_soft_exception_delivery_is_what_inject_exception_documents(make_guest):
                     "length of the last exit's instruction (VMX), nothing fixed to assert")
 
 
+KVM_HC_UNKNOWN = 0x7FFF          # no such hypercall: KVM answers -KVM_ENOSYS
+KVM_ENOSYS = 1000
+
+
+def test_hypercalls_complete_or_the_host_quirks_hide_the_features_using_them(make_guest):
+    """A `vmcall` returns to the guest on hardware KVM (with -KVM_ENOSYS for an
+    unknown number). Where it never completes (kvm_pvm: the vCPU stays on the
+    vmcall), the host workarounds must keep Linux from making hypercalls:
+    its SMP boot hung in the PV send-IPI hypercall."""
+    from microvmm.boot.cpuid import KvmPvFeature
+    from microvmm.hostinfo import detect_host_kind, host_quirks
+
+    # mov eax, KVM_HC_UNKNOWN (66 b8 imm32); vmcall (0f 01 c1); out 0x10, al
+    code = bytes([0x66, 0xB8]) + KVM_HC_UNKNOWN.to_bytes(4, "little") + bytes([0x0F, 0x01, 0xC1])
+    guest = make_guest(code + out_imm8(0x10) + HLT)
+    reason = _run_briefly(guest.vcpu, 2.0)
+    quirks = host_quirks(*detect_host_kind())
+    if reason == ExitReason.IO:
+        assert guest.vcpu.io.port == 0x10
+        assert guest.vcpu.get_regs().rax & 0xFFFF_FFFF == (-KVM_ENOSYS) & 0xFFFF_FFFF
+        return
+    assert reason == ExitReason.INTR, f"vmcall ended in exit {reason}"
+    assert guest.vcpu.get_regs().rip == CODE + 6              # still on the vmcall
+    hypercall_features = KvmPvFeature.PV_SEND_IPI | KvmPvFeature.PV_SCHED_YIELD | KvmPvFeature.PV_UNHALT
+    assert quirks.hidden_kvm_pv_features & hypercall_features == hypercall_features, (
+        "hypercalls never complete on this KVM, but its quirks let the guest use them")
+
+
 def test_register_round_trips(make_guest):
     vcpu = make_guest(HLT).vcpu
     regs = vcpu.get_regs()
