@@ -110,13 +110,13 @@ class VcpuRunner:
 
     def __init__(self, index: int, vcpu, memory, io_bus, mmio_bus, quirks,
                  on_stop: Callable[[VcpuStop], None], gate: DeviceGate | None = None,
-                 exit_regs: memoryview | None = None):
+                 sync_exit_regs: bool = False):
         """Either both buses, or None for both and a `gate` that delivers them later.
 
-        `exit_regs` is the vCPU's ``sync_registers_at_exit()`` view, if KVM
-        offers it: each exit's registers are kept until the next exit, so a
-        triple fault after which KVM reset the vCPU (AMD) can still say where
-        the guest was last seen."""
+        `sync_exit_regs` (when KVM offers KVM_CAP_SYNC_REGS): KVM copies the
+        registers into kvm_run at each exit and the thread keeps them until
+        the next exit, so a triple fault after which KVM reset the vCPU (AMD)
+        can still say where the guest was last seen."""
         if (io_bus is None) != (mmio_bus is None) or (io_bus is None) != (gate is not None):
             raise ValueError("pass both buses, or neither and a DeviceGate")
         self.index = index
@@ -135,7 +135,8 @@ class VcpuRunner:
         self.workarounds_applied: dict[str, int] = {}
         #: Exits by reason, for statistics; only this vCPU's thread writes it.
         self.exit_counts: dict[str, int] = {}
-        self._exit_regs = exit_regs
+        self._sync_exit_regs = sync_exit_regs
+        self._exit_regs: memoryview | None = None  # into kvm_run: only while the thread runs
         # Copy of the registers at the last exit (or at entry), its time and reason.
         self._seen_regs: bytearray | None = None
         self._seen_at = 0.0
@@ -207,16 +208,18 @@ class VcpuRunner:
         finally:
             if self._exit_regs is not None:
                 self._exit_regs.release()  # a view into kvm_run: Vcpu.close() unmaps it
+                self._exit_regs = None
 
     def _start_seen(self) -> None:
         """The state before the first KVM_RUN: where a vCPU that faults in its
         very first run was last seen."""
-        if self._exit_regs is None:
+        if not self._sync_exit_regs:
             return
         try:
             regs = self.vcpu.get_regs()
         except OSError:
             return
+        self._exit_regs = self.vcpu.sync_registers_at_exit()
         self._seen_regs = bytearray(regs.to_bytes())
         self._seen_at = time.monotonic()
 

@@ -333,7 +333,7 @@ class Vmm:
                 self._set_boot_state(vcpu, boot)
             runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
                                 on_stop=self._vcpu_stopped, gate=gate,
-                                exit_regs=vcpu.sync_registers_at_exit() if sync_regs else None)
+                                sync_exit_regs=sync_regs)
             self.runners.append(runner)
 
     def _planned_pci_irqs(self) -> list:

@@ -86,7 +86,7 @@ class Guest:
         self.sync_regs = bool(self.vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
         self.runner = VcpuRunner(0, self.vcpu, self.mem, self.io_bus, self.mmio_bus, NO_QUIRKS,
                                  on_stop=self.stops.put,
-                                 exit_regs=self.vcpu.sync_registers_at_exit() if self.sync_regs else None)
+                                 sync_exit_regs=self.sync_regs)
 
     def wait_stop(self) -> VcpuStop:
         try:
@@ -189,7 +189,7 @@ def test_a_vcpu_reset_by_kvm_is_reported_where_it_was_last_seen():
     """The AMD case on any host: after an I/O exit the next exit is a
     SHUTDOWN whose registers are the reset state (scripted vCPU)."""
     vcpu = ResettingVcpu()
-    runner, stop = run_scripted(vcpu, NO_QUIRKS, exit_regs=vcpu.exit_regs)
+    runner, stop = run_scripted(vcpu, NO_QUIRKS, sync_exit_regs=True)
     assert stop.reason is StopReason.TRIPLE_FAULT and stop.vcpu_reset
     assert stop.snapshot is None
     seen = stop.last_seen
@@ -449,15 +449,18 @@ class ResettingVcpu:
     def get_sregs(self):
         return self._sregs
 
+    def sync_registers_at_exit(self) -> memoryview:
+        return self.exit_regs
+
     def translate(self, gva: int) -> tuple[int, bool]:
         return (0, False)
 
 
-def run_scripted(vcpu, quirks, memory=None, exit_regs=None) -> tuple[VcpuRunner, VcpuStop]:
+def run_scripted(vcpu, quirks, memory=None, sync_exit_regs=False) -> tuple[VcpuRunner, VcpuStop]:
     stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
     memory = memory or GuestMemory([(0, 0x4000)])
     runner = VcpuRunner(0, vcpu, memory, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"), quirks, stops.put,
-                        exit_regs=exit_regs)
+                        sync_exit_regs=sync_exit_regs)
     runner.start()
     stop = stops.get(timeout=STOP_TIMEOUT)
     runner.thread.join(STOP_TIMEOUT)
