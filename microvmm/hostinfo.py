@@ -154,6 +154,21 @@ def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks
     )
 
 
+def emulated_smp_note(vcpus: int, host_cpus: int | None) -> str | None:
+    """What a user of an emulating host should know before an SMP boot, or None.
+
+    Every vCPU is emulated and takes its guest's timer ticks in host time:
+    measured on 2 shared cores, --cpus 2 took 2.5-3x a 1-vCPU boot, and
+    --cpus 4 spent all its time in scheduler ticks (no progress in 25 min)
+    while other jobs kept the cores busy."""
+    if vcpus <= 1:
+        return None
+    cores = f"{host_cpus} host CPUs" if host_cpus else "the host's CPUs"
+    return (f"{vcpus} vCPUs on {cores}: each vCPU is emulated and handles its timer ticks in "
+            "host time, so an SMP boot takes several times longer here, and more vCPUs than "
+            "idle host CPUs can leave the guest doing nothing but timer ticks")
+
+
 def merge_cmdline(cmdline: str, additions: tuple[str, ...]) -> str:
     """Append additions whose key the user did not set already.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
-from microvmm.hostinfo import HostKind
+from microvmm.hostinfo import HostKind, emulated_smp_note
 from microvmm.run_monitor import KERNEL_LOG_PORT, SERIAL_PORT, Failure, KernelLogSources, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
@@ -256,6 +256,9 @@ class Vmm:
         else:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
                   "host workarounds are off.", file=sys.stderr)
+        note = emulated_smp_note(self.config.cpus, os.cpu_count())
+        if note:
+            print(f"microvmm: {note}.", file=sys.stderr)
 
     @staticmethod
     def _announce_payload_workaround(boot) -> None:

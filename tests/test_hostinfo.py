@@ -17,6 +17,7 @@ from microvmm.hostinfo import (
     HostKind,
     HostQuirks,
     detect_host_kind,
+    emulated_smp_note,
     host_quirks,
     merge_cmdline,
 )
@@ -198,3 +199,11 @@ def test_bzimage_payload_is_decompressed_on_the_host_only_when_emulating():
 def test_hidden_kvm_features_alone_make_the_quirks_active():
     alone = HostQuirks(HostKind.EMULATING, "why", hidden_kvm_pv_features=KvmPvFeature.PV_SEND_IPI)
     assert alone.active
+
+
+def test_smp_on_an_emulating_host_is_announced_with_its_cost():
+    assert emulated_smp_note(1, 2) is None
+    note = emulated_smp_note(4, 2)
+    assert note.startswith("4 vCPUs on 2 host CPUs: each vCPU is emulated")
+    assert "timer ticks" in note
+    assert emulated_smp_note(2, None).startswith("2 vCPUs on the host's CPUs")
