@@ -132,7 +132,7 @@ def kvm_resets_vcpu_on_shutdown() -> bool:
 
 
 def assert_triple_fault_reported_truthfully(guest, stop: VcpuStop, fault_rip: int, fault_code: bytes,
-                                            seen_rip: int, seen_exit: str | None) -> None:
+                                            seen_rips: tuple[int, ...], seen_exit: str | None) -> None:
     """The stop either shows the faulting instruction (VMX, kvm_pvm) or, where
     KVM reset the vCPU (AMD), says so and shows where it was last seen instead."""
     assert stop.reason is StopReason.TRIPLE_FAULT
@@ -140,14 +140,14 @@ def assert_triple_fault_reported_truthfully(guest, stop: VcpuStop, fault_rip: in
     if guest.sync_regs:  # every KVM here offers it; the last position is always kept
         seen = stop.last_seen
         assert seen is not None
-        assert (seen.rip, seen.exit_name) == (seen_rip, seen_exit)
+        assert seen.rip in seen_rips and seen.exit_name == seen_exit, (hex(seen.rip), seen.exit_name)
         assert 0 <= seen.seconds_before < STOP_TIMEOUT
     if kvm_resets_vcpu_on_shutdown():
         assert stop.vcpu_reset
         assert stop.snapshot is None                      # no decoding of the reset vector
         assert "reset" in stop.detail and "f000:fff0" in stop.detail
         text = format_last_seen(stop.last_seen)
-        assert text.startswith(f"vCPU 0: last seen at RIP {seen_rip:#x} ")
+        assert text.startswith(f"vCPU 0: last seen at RIP {stop.last_seen.rip:#x} ")
         return
     assert not stop.vcpu_reset and stop.detail == ""
     snap = stop.snapshot
@@ -164,7 +164,7 @@ def test_triple_fault_stops_with_a_snapshot_at_the_faulting_instruction(make_gue
     guest.runner.start()
     stop = guest.wait_stop()
     # It faulted in its first KVM_RUN: last seen where the VMM had put it.
-    assert_triple_fault_reported_truthfully(guest, stop, CODE + 2, UD2, CODE, None)
+    assert_triple_fault_reported_truthfully(guest, stop, CODE + 2, UD2, (CODE,), None)
     assert guest.runner.exit_counts.get("shutdown") == 1
     if stop.snapshot is not None:
         snap = stop.snapshot
@@ -176,13 +176,16 @@ def test_triple_fault_stops_with_a_snapshot_at_the_faulting_instruction(make_gue
 
 
 def test_divide_error_with_empty_idt_is_a_triple_fault_too(make_guest):
-    # out 0x10, al (an exit first: the last position seen is after it); xor ecx, ecx; div ecx
+    # out 0x10, al (an exit first: the last position seen); xor ecx, ecx; div ecx
     code = bytes([0xE6, 0x10, 0x31, 0xC9, 0xF7, 0xF1])
     guest = make_guest(code, protected=True, idt_limit=0)
     guest.io_bus.register(0x10, 1, RecordingDevice(), "recorder")
     guest.runner.start()
     stop = guest.wait_stop()
-    assert_triple_fault_reported_truthfully(guest, stop, CODE + 4, bytes([0xF7, 0xF1]), CODE + 2, "io")
+    # At the I/O exit RIP is on the OUT (kvm_amd/kvm_intel: x86.c kvm_fast_pio_out
+    # completes it at the next KVM_RUN) or past it (kvm_pvm).
+    assert_triple_fault_reported_truthfully(guest, stop, CODE + 4, bytes([0xF7, 0xF1]),
+                                            (CODE, CODE + 2), "io")
 
 
 def test_a_vcpu_reset_by_kvm_is_reported_where_it_was_last_seen():
