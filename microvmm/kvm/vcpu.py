@@ -354,7 +354,7 @@ class Vcpu:
             raise ValueError(f"exception vector {vector} is not 0..31")
         if vector == _NMI_VECTOR:
             # An interrupt, not an exception: KVM_SET_VCPU_EVENTS refuses it (EINVAL).
-            raise ValueError("vector 2 is the NMI, not an exception: inject it as an NMI")
+            raise ValueError("vector 2 is the NMI, an interrupt: KVM_SET_VCPU_EVENTS takes no exception 2")
         if error_code is not None and not 0 <= error_code <= 0xFFFF_FFFF:
             raise ValueError(f"error code {error_code:#x} does not fit in 32 bits")
         from microvmm.kvm.events import ExceptionEvent
