@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from microvmm.boot.cpuid import KvmPvFeature
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +58,19 @@ EMULATING_HOST_CLEARCPUID = ",".join(str(bit) for _, bit in EMULATING_HOST_CLEAR
 CLEARCPUID_MAX_LENGTH = 127
 
 
+# KVM paravirt features a Linux guest uses through hypercalls (`vmcall`):
+# on kvm_pvm a hypercall never completes (the vCPU stays on the vmcall: seen
+# for KVM_HC_SEND_IPI in an SMP boot, and for any hypercall number in
+# tests/test_kvm_run.py), so an SMP guest hangs at its first PV IPI. Hidden
+# from the guest, it sends IPIs through its APIC and never yields or kicks by
+# hypercall. (Only SMP guests use these: a 1-vCPU boot is unchanged.)
+EMULATING_HOST_HIDDEN_KVM_FEATURES = (
+    KvmPvFeature.PV_SEND_IPI        # KVM_HC_SEND_IPI
+    | KvmPvFeature.PV_SCHED_YIELD   # KVM_HC_SCHED_YIELD, when an IPI's target is preempted
+    | KvmPvFeature.PV_UNHALT        # KVM_HC_KICK_CPU (paravirt spinlocks)
+)
+
+
 @dataclass(frozen=True)
 class HostQuirks:
     """Workarounds to apply for this host; all off on hardware KVM."""
@@ -70,13 +85,15 @@ class HostQuirks:
     #: Decompress a bzImage's payload on the host and boot its ELF: the
     #: kernel's own decompressor would run emulated (~20 s for LZ4, minutes for XZ).
     decompress_bzimage_on_host: bool = False
+    #: KVM paravirt features withheld from the guest (CPUID 0x4000_0001).
+    hidden_kvm_pv_features: KvmPvFeature = KvmPvFeature(0)
     notes: tuple[str, ...] = field(default=())
 
     @property
     def active(self) -> bool:
         return self.kind is HostKind.EMULATING and (
             bool(self.cmdline_additions) or self.inject_bp_on_int3 or self.skip_fwait
-            or self.decompress_bzimage_on_host)
+            or self.decompress_bzimage_on_host or bool(self.hidden_kvm_pv_features))
 
 
 def detect_host_kind(sys_module: Path = Path("/sys/module"),
@@ -133,7 +150,23 @@ def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks
         inject_bp_on_int3=True,
         skip_fwait=True,
         decompress_bzimage_on_host=True,
+        hidden_kvm_pv_features=EMULATING_HOST_HIDDEN_KVM_FEATURES,
     )
+
+
+def emulated_smp_note(vcpus: int, host_cpus: int | None) -> str | None:
+    """What a user of an emulating host should know before an SMP boot, or None.
+
+    Every vCPU is emulated and takes its guest's timer ticks in host time:
+    measured on 2 shared cores, --cpus 2 took 2.5-3x a 1-vCPU boot, and
+    --cpus 4 spent all its time in scheduler ticks (no progress in 25 min)
+    while other jobs kept the cores busy."""
+    if vcpus <= 1:
+        return None
+    cores = f"{host_cpus} host CPUs" if host_cpus else "the host's CPUs"
+    return (f"{vcpus} vCPUs on {cores}: each vCPU is emulated and handles its timer ticks in "
+            "host time, so an SMP boot takes several times longer here, and more vCPUs than "
+            "idle host CPUs can leave the guest doing nothing but timer ticks")
 
 
 def merge_cmdline(cmdline: str, additions: tuple[str, ...]) -> str:

@@ -13,6 +13,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +22,7 @@ from microvmm.kvm import (ExitReason, InternalErrorSuberror, IoDirection, KvmExi
 from microvmm.osthread import set_os_thread_name
 
 if TYPE_CHECKING:
-    from microvmm.diag.report import CpuSnapshot
+    from microvmm.diag.report import CpuSnapshot, LastSeen
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ _INT3 = 0xCC
 _FWAIT = 0x9B
 _PAGE = 4096
 _RFLAGS_IF = 1 << 9
+_SHUTDOWN = int(ExitReason.SHUTDOWN)
+_GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
 def _exit_name(reason: int) -> str:
@@ -93,14 +97,26 @@ class VcpuStop:
     detail: str = ""
     snapshot: CpuSnapshot | None = None
     fatal: bool = True
+    #: Registers at the vCPU's last exit before a triple fault (when KVM
+    #: synced them), the position to report when KVM reset the vCPU.
+    last_seen: LastSeen | None = None
+    #: KVM reset the vCPU on the triple fault (AMD SVM): `snapshot` is None,
+    #: the registers it read were the reset state.
+    vcpu_reset: bool = False
 
 
 class VcpuRunner:
     """Runs one vCPU on its own thread until the VM stops."""
 
     def __init__(self, index: int, vcpu, memory, io_bus, mmio_bus, quirks,
-                 on_stop: Callable[[VcpuStop], None], gate: DeviceGate | None = None):
-        """Either both buses, or None for both and a `gate` that delivers them later."""
+                 on_stop: Callable[[VcpuStop], None], gate: DeviceGate | None = None,
+                 sync_exit_regs: bool = False):
+        """Either both buses, or None for both and a `gate` that delivers them later.
+
+        `sync_exit_regs` (when KVM offers KVM_CAP_SYNC_REGS): KVM copies the
+        registers into kvm_run at each exit and the thread keeps them until
+        the next exit, so a triple fault after which KVM reset the vCPU (AMD)
+        can still say where the guest was last seen."""
         if (io_bus is None) != (mmio_bus is None) or (io_bus is None) != (gate is not None):
             raise ValueError("pass both buses, or neither and a DeviceGate")
         self.index = index
@@ -119,6 +135,12 @@ class VcpuRunner:
         self.workarounds_applied: dict[str, int] = {}
         #: Exits by reason, for statistics; only this vCPU's thread writes it.
         self.exit_counts: dict[str, int] = {}
+        self._sync_exit_regs = sync_exit_regs
+        self._exit_regs: memoryview | None = None  # into kvm_run: only while the thread runs
+        # Copy of the registers at the last exit (or at entry), its time and reason.
+        self._seen_regs: bytearray | None = None
+        self._seen_at = 0.0
+        self._seen_reason: int | None = None
 
     # -- control from other threads --------------------------------------
 
@@ -183,15 +205,42 @@ class VcpuRunner:
             logger.exception("vCPU %d: error handling an exit", self.index)
             self._finish(VcpuStop(StopReason.HOST_ERROR, f"{type(err).__name__}: {err}",
                                   self._safe_snapshot()))
+        finally:
+            if self._exit_regs is not None:
+                self._exit_regs.release()  # a view into kvm_run: Vcpu.close() unmaps it
+                self._exit_regs = None
+
+    def _start_seen(self) -> None:
+        """The state before the first KVM_RUN: where a vCPU that faults in its
+        very first run was last seen."""
+        if not self._sync_exit_regs:
+            return
+        try:
+            regs = self.vcpu.get_regs()
+        except OSError:
+            return
+        self._exit_regs = self.vcpu.sync_registers_at_exit()
+        self._seen_regs = bytearray(regs.to_bytes())
+        self._seen_at = time.monotonic()
 
     def _loop(self) -> None:
         vcpu = self.vcpu
         counts = self.exit_counts
         counts.setdefault("io", 0)
         counts.setdefault("mmio", 0)
+        self._start_seen()
+        exit_regs, seen = self._exit_regs, self._seen_regs
+        monotonic = time.monotonic
         self._entering_guest.set()
         while not self._stopping.is_set():
             reason = vcpu.run()
+            if seen is not None and reason != _SHUTDOWN:
+                # Keep this exit's registers: after a SHUTDOWN, KVM may have
+                # reset the vCPU, and these are all that says where it was
+                # (~0.2 us per exit: no ioctl, KVM wrote them into kvm_run).
+                seen[:] = exit_regs
+                self._seen_at = monotonic()
+                self._seen_reason = reason
             if reason == ExitReason.IO:
                 counts["io"] += 1
                 port, size, count, data, out = self._io_exit(vcpu)
@@ -281,7 +330,7 @@ class VcpuRunner:
     def _handle_rare_exit(self, reason: int) -> bool:
         """Handle an exit that is not I/O; False ends this vCPU (and the VM)."""
         if reason == ExitReason.SHUTDOWN:
-            self._finish(VcpuStop(StopReason.TRIPLE_FAULT, "", self._safe_snapshot()))
+            self._finish(self._triple_fault_stop())
             return False
         if reason == ExitReason.SYSTEM_EVENT:
             kind = self.vcpu.system_event.type
@@ -308,6 +357,33 @@ class VcpuRunner:
                               self._safe_snapshot()))
         return False
 
+    def _triple_fault_stop(self) -> VcpuStop:
+        from microvmm.diag.report import is_reset_state  # deferred: diagnostics only
+        fault_time = time.monotonic()
+        snapshot = self._safe_snapshot()
+        last_seen = self._last_seen(fault_time)
+        if snapshot is not None and is_reset_state(snapshot):
+            # AMD SVM clears the VMCB and INITs the vCPU on a shutdown
+            # (svm.c shutdown_interception): decoding f000:fff0 would be a lie.
+            return VcpuStop(
+                StopReason.TRIPLE_FAULT,
+                "KVM reset the vCPU when it shut down: its registers now hold the x86 reset "
+                "state (CS:IP f000:fff0, as AMD SVM leaves them), not the faulting instruction",
+                None, last_seen=last_seen, vcpu_reset=True)
+        return VcpuStop(StopReason.TRIPLE_FAULT, "", snapshot, last_seen=last_seen)
+
+    def _last_seen(self, now: float) -> LastSeen | None:
+        if self._seen_regs is None:
+            return None
+        from microvmm.diag.report import LastSeen
+        from microvmm.kvm import Regs
+        regs = Regs.from_bytes(self._seen_regs)
+        reason = self._seen_reason
+        return LastSeen(index=self.index, rip=regs.rip, rflags=regs.rflags,
+                        gprs={name: getattr(regs, name) for name in _GPR_NAMES},
+                        exit_name=None if reason is None else _exit_name(reason),
+                        seconds_before=max(0.0, now - self._seen_at))
+
     def _handle_internal_error(self) -> bool:
         internal = self.vcpu.internal_error
         if internal.suberror != InternalErrorSuberror.EMULATION:
@@ -320,10 +396,16 @@ class VcpuRunner:
         if not insn:
             insn = self._code_at(regs.rip)
         if insn and self._quirks.inject_bp_on_int3 and insn[0] == _INT3:
-            # int3 is a trap: the handler expects RIP after the instruction.
+            # int3 is a trap: the #BP frame must hold the address after it.
+            # kvm_pvm delivers an injected exception, #BP too, at the current
+            # RIP with no instruction length (do_pvm_event), so RIP moves past
+            # the int3 first. Only right for kvm_pvm: SVM would decode the
+            # instruction after the int3 and drop the #BP, VMX would add a
+            # stale length (Vcpu.inject_exception); hardware KVM runs int3
+            # itself and never gets here.
             regs.rip += 1
             self.vcpu.set_regs(regs)
-            self.vcpu.inject_exception(_BP_VECTOR)
+            self.vcpu.inject_exception_as_is(_BP_VECTOR)
             self._note_workaround("int3: injected #BP")
             return True
         if insn and self._quirks.skip_fwait and insn[0] == _FWAIT:

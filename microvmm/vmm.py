@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from microvmm.exitcodes import ExitCode, signal_exit_code
-from microvmm.hostinfo import HostKind
+from microvmm.hostinfo import HostKind, emulated_smp_note
 from microvmm.run_monitor import (KERNEL_LINE_FORM, KERNEL_LOG_PORT, SERIAL_PORT, Failure, KernelLogSources,
                                   RunMonitor)
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
@@ -247,14 +247,19 @@ class Vmm:
         if kind is HostKind.HARDWARE:
             return
         if self.quirks.active:
+            hidden = self.quirks.hidden_kvm_pv_features.name  # "A|B", None when empty
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
                   "boot takes minutes, not milliseconds; applying host workarounds (extra command "
                   "line options, #BP for int3, skipping fwait, a bzImage's payload decompressed "
-                  "on the host). --no-host-workarounds turns them off.",
+                  f"on the host, KVM PV features using hypercalls hidden: {hidden or 'none'}). "
+                  "--no-host-workarounds turns them off.",
                   file=sys.stderr)
         else:
             print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
                   "host workarounds are off.", file=sys.stderr)
+        note = emulated_smp_note(self.config.cpus, os.cpu_count())
+        if note:
+            print(f"microvmm: {note}.", file=sys.stderr)
 
     @staticmethod
     def _announce_payload_workaround(boot) -> None:
@@ -277,6 +282,7 @@ class Vmm:
         names (serial file, console port backends) so that those fail before the
         guest runs. Devices come later (_build_devices)."""
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
+        from microvmm.kvm import KVM_SYNC_X86_REGS, Cap
 
         config = self.config
         self.kernel_console = plan = plan_kernel_console(config)
@@ -317,16 +323,21 @@ class Vmm:
         self.boot = boot
         self._announce_payload_workaround(boot)
         self._gate = gate = DeviceGate()
+        # Each exit's registers in kvm_run, for where a vCPU that KVM resets on a
+        # triple fault (AMD) was last seen.
+        sync_regs = bool(vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
             # KVM's own CpuidEntry objects in, the same type out (boot/cpuid.py).
-            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus))
+            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus,
+                                       quirks.hidden_kvm_pv_features))
             vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
             if index == 0:
                 self._set_boot_state(vcpu, boot)
             runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
-                                on_stop=self._vcpu_stopped, gate=gate)
+                                on_stop=self._vcpu_stopped, gate=gate,
+                                sync_exit_regs=sync_regs)
             self.runners.append(runner)
 
     def _planned_pci_irqs(self) -> list:
@@ -768,10 +779,12 @@ class Vmm:
             return VmOutcome(ExitCode.TIMEOUT, f"timeout: {self._timeout_kind}",
                              report=f"{lines_report}\nwhere the vCPUs were:\n{self._timeout_report}")
         if stop.fatal:
-            from microvmm.diag.report import format_snapshot  # deferred: diagnostics only
+            from microvmm.diag.report import format_last_seen, format_snapshot  # deferred
             report = [f"vCPU stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else "")]
             if stop.snapshot:
                 report.append(format_snapshot(stop.snapshot, self.symbols))
+            elif stop.vcpu_reset and stop.last_seen:
+                report.append(format_last_seen(stop.last_seen, self.symbols))
             report.append(lines_report)
             code = ExitCode.VMM_ERROR if stop.reason is StopReason.HOST_ERROR else ExitCode.GUEST_FAULT
             return VmOutcome(code, f"guest stopped abnormally: {stop.reason.value}", report="\n".join(report))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from microvmm.boot.cpuid import CpuidEntry, vcpu_cpuid
+from microvmm.boot.cpuid import CpuidEntry, KvmPvFeature, vcpu_cpuid
 
 
 @dataclass
@@ -80,6 +80,20 @@ def test_kvm_leaves_and_others_untouched_and_input_not_modified():
     for key in [(0, 0), (0x4000_0000, 0), (0x4000_0001, 0)]:
         assert vars(out[key]) == vars(by_key(SUPPORTED)[key])
     assert len(entries) == len(SUPPORTED)
+
+
+def test_hidden_kvm_features_are_cleared_from_the_kvm_leaf_only():
+    hidden = KvmPvFeature.PV_SEND_IPI | KvmPvFeature.PV_TLB_FLUSH
+    supported = by_key(SUPPORTED)
+    out = by_key(vcpu_cpuid(SUPPORTED, 0, 2, hidden_kvm_features=hidden))
+    assert supported[(0x4000_0001, 0)].eax & hidden == hidden  # offered by "KVM"
+    assert out[(0x4000_0001, 0)].eax == supported[(0x4000_0001, 0)].eax & ~int(hidden)
+    for key in [(0, 0), (0x4000_0000, 0)]:
+        assert vars(out[key]) == vars(supported[key])
+    # Hiding a feature KVM does not offer changes nothing.
+    absent = KvmPvFeature.MIGRATION_CONTROL
+    assert not supported[(0x4000_0001, 0)].eax & absent
+    assert vars(by_key(vcpu_cpuid(SUPPORTED, 0, 2, absent))[(0x4000_0001, 0)]) == vars(supported[(0x4000_0001, 0)])
 
 
 def test_frozen_entries_left_as_they_are_are_not_copied():

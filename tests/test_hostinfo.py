@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from microvmm.boot.cpuid import KvmPvFeature
 from microvmm.hostinfo import (
     CLEARCPUID_MAX_LENGTH,
     EMULATING_HOST_CLEARCPUID,
@@ -16,6 +17,7 @@ from microvmm.hostinfo import (
     HostKind,
     HostQuirks,
     detect_host_kind,
+    emulated_smp_note,
     host_quirks,
     merge_cmdline,
 )
@@ -92,6 +94,9 @@ def test_quirks_on_an_emulating_host():
     assert hidden == set(EMULATING_HOST_HIDDEN_FEATURES)
     assert len(cleared) == len(set(cleared))
     assert len({name for name, _ in EMULATING_HOST_CLEARCPUID_FEATURES}) == len(cleared)
+    # KVM paravirt features that work by hypercall are withheld (SMP guests hang otherwise).
+    hidden_pv = quirks.hidden_kvm_pv_features
+    assert hidden_pv == KvmPvFeature.PV_SEND_IPI | KvmPvFeature.PV_SCHED_YIELD | KvmPvFeature.PV_UNHALT
 
 
 def test_clearcpuid_value_fits_the_kernels_buffer():
@@ -138,6 +143,7 @@ def test_no_quirks_on_hardware_or_when_disabled(kind, enabled):
     assert quirks.cmdline_additions == ()
     assert not quirks.inject_bp_on_int3
     assert not quirks.skip_fwait
+    assert not quirks.hidden_kvm_pv_features
     assert not quirks.active
 
 
@@ -188,3 +194,16 @@ def test_bzimage_payload_is_decompressed_on_the_host_only_when_emulating():
     # That workaround alone makes the quirks active (announced at start).
     alone = HostQuirks(HostKind.EMULATING, "why", decompress_bzimage_on_host=True)
     assert alone.active
+
+
+def test_hidden_kvm_features_alone_make_the_quirks_active():
+    alone = HostQuirks(HostKind.EMULATING, "why", hidden_kvm_pv_features=KvmPvFeature.PV_SEND_IPI)
+    assert alone.active
+
+
+def test_smp_on_an_emulating_host_is_announced_with_its_cost():
+    assert emulated_smp_note(1, 2) is None
+    note = emulated_smp_note(4, 2)
+    assert note.startswith("4 vCPUs on 2 host CPUs: each vCPU is emulated")
+    assert "timer ticks" in note
+    assert emulated_smp_note(2, None).startswith("2 vCPUs on the host's CPUs")

@@ -11,6 +11,7 @@ exits) is also driven directly with a scripted vCPU.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -18,9 +19,9 @@ import time
 import pytest
 
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
-from microvmm.diag.report import format_snapshot
+from microvmm.diag.report import LastSeen, format_last_seen, format_snapshot
 from microvmm.hostinfo import HostKind, host_quirks
-from microvmm.kvm import ExitReason, IoDirection, IoExit, Kvm, Regs
+from microvmm.kvm import KVM_SYNC_X86_REGS, Cap, ExitReason, IoDirection, IoExit, Kvm, Regs
 from microvmm.memory import GuestMemory
 from microvmm.vcpu_runner import StopReason, VcpuRunner, VcpuStop
 
@@ -81,8 +82,11 @@ class Guest:
         self.io_bus = Bus("pio", PIO_ADDRESS_LIMIT)
         self.mmio_bus = Bus("mmio")
         self.stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
+        # As the VMM does: each exit's registers kept, for a vCPU KVM resets on a triple fault.
+        self.sync_regs = bool(self.vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
         self.runner = VcpuRunner(0, self.vcpu, self.mem, self.io_bus, self.mmio_bus, NO_QUIRKS,
-                                 on_stop=self.stops.put)
+                                 on_stop=self.stops.put,
+                                 sync_exit_regs=self.sync_regs)
 
     def wait_stop(self) -> VcpuStop:
         try:
@@ -121,6 +125,37 @@ def make_guest(kvm):
 UD2 = bytes([0x0F, 0x0B])
 
 
+def kvm_resets_vcpu_on_shutdown() -> bool:
+    """AMD SVM clears the VMCB and INITs the vCPU on a shutdown (svm.c
+    shutdown_interception); VMX and kvm_pvm keep the faulting state."""
+    return os.path.exists("/sys/module/kvm_amd")
+
+
+def assert_triple_fault_reported_truthfully(guest, stop: VcpuStop, fault_rip: int, fault_code: bytes,
+                                            seen_rips: tuple[int, ...], seen_exit: str | None) -> None:
+    """The stop either shows the faulting instruction (VMX, kvm_pvm) or, where
+    KVM reset the vCPU (AMD), says so and shows where it was last seen instead."""
+    assert stop.reason is StopReason.TRIPLE_FAULT
+    assert stop.fatal
+    if guest.sync_regs:  # every KVM here offers it; the last position is always kept
+        seen = stop.last_seen
+        assert seen is not None
+        assert seen.rip in seen_rips and seen.exit_name == seen_exit, (hex(seen.rip), seen.exit_name)
+        assert 0 <= seen.seconds_before < STOP_TIMEOUT
+    if kvm_resets_vcpu_on_shutdown():
+        assert stop.vcpu_reset
+        assert stop.snapshot is None                      # no decoding of the reset vector
+        assert "reset" in stop.detail and "f000:fff0" in stop.detail
+        text = format_last_seen(stop.last_seen)
+        assert text.startswith(f"vCPU 0: last seen at RIP {stop.last_seen.rip:#x} ")
+        return
+    assert not stop.vcpu_reset and stop.detail == ""
+    snap = stop.snapshot
+    assert snap is not None
+    assert snap.rip == fault_rip                          # at the faulting instruction, not past it
+    assert snap.code.startswith(fault_code)
+
+
 def test_triple_fault_stops_with_a_snapshot_at_the_faulting_instruction(make_guest):
     # Protected mode with an empty IDT: #UD cannot be delivered (#GP), nor can
     # #GP (#DF), nor #DF: the CPU shuts down, KVM_EXIT_SHUTDOWN.
@@ -128,28 +163,53 @@ def test_triple_fault_stops_with_a_snapshot_at_the_faulting_instruction(make_gue
     guest = make_guest(code, protected=True, idt_limit=0)
     guest.runner.start()
     stop = guest.wait_stop()
-    assert stop.reason is StopReason.TRIPLE_FAULT
-    assert stop.fatal
-    snap = stop.snapshot
-    assert snap is not None
-    assert snap.rip == CODE + 2                       # at the ud2, not past it
-    assert snap.code.startswith(UD2)
-    assert snap.mode_bits == 32 and snap.cpl == 0
-    assert snap.cr0 & 1
-    report = format_snapshot(snap)
-    assert report.splitlines()[0] == f"vCPU 0: RIP {CODE + 2:#x}  CPL 0  32-bit"
-    assert "instruction: ud2  (0f 0b)" in report
+    # It faulted in its first KVM_RUN: last seen where the VMM had put it.
+    assert_triple_fault_reported_truthfully(guest, stop, CODE + 2, UD2, (CODE,), None)
     assert guest.runner.exit_counts.get("shutdown") == 1
+    if stop.snapshot is not None:
+        snap = stop.snapshot
+        assert snap.mode_bits == 32 and snap.cpl == 0
+        assert snap.cr0 & 1
+        report = format_snapshot(snap)
+        assert report.splitlines()[0] == f"vCPU 0: RIP {CODE + 2:#x}  CPL 0  32-bit"
+        assert "instruction: ud2  (0f 0b)" in report
 
 
 def test_divide_error_with_empty_idt_is_a_triple_fault_too(make_guest):
-    code = bytes([0x31, 0xC9, 0xF7, 0xF1])            # xor ecx, ecx; div ecx
+    # out 0x10, al (an exit first: the last position seen); xor ecx, ecx; div ecx
+    code = bytes([0xE6, 0x10, 0x31, 0xC9, 0xF7, 0xF1])
     guest = make_guest(code, protected=True, idt_limit=0)
+    guest.io_bus.register(0x10, 1, RecordingDevice(), "recorder")
     guest.runner.start()
     stop = guest.wait_stop()
-    assert stop.reason is StopReason.TRIPLE_FAULT
-    assert stop.snapshot.rip == CODE + 2
-    assert stop.snapshot.code.startswith(bytes([0xF7, 0xF1]))
+    # At the I/O exit RIP is on the OUT (kvm_amd/kvm_intel: x86.c kvm_fast_pio_out
+    # completes it at the next KVM_RUN) or past it (kvm_pvm).
+    assert_triple_fault_reported_truthfully(guest, stop, CODE + 4, bytes([0xF7, 0xF1]),
+                                            (CODE, CODE + 2), "io")
+
+
+def test_a_vcpu_reset_by_kvm_is_reported_where_it_was_last_seen():
+    """The AMD case on any host: after an I/O exit the next exit is a
+    SHUTDOWN whose registers are the reset state (scripted vCPU)."""
+    vcpu = ResettingVcpu()
+    runner, stop = run_scripted(vcpu, NO_QUIRKS, sync_exit_regs=True)
+    assert stop.reason is StopReason.TRIPLE_FAULT and stop.vcpu_reset
+    assert stop.snapshot is None
+    seen = stop.last_seen
+    assert (seen.rip, seen.exit_name, seen.gprs["rax"]) == (LONG_MODE_RIP + 2, "io", 0x42)
+    assert seen.seconds_before >= 0.05                   # the scripted pause before the fault
+    text = format_last_seen(seen)
+    assert text.splitlines()[0].startswith(
+        f"vCPU 0: last seen at RIP {LONG_MODE_RIP + 2:#x} at its last exit to the VMM (io), ")
+    assert "RAX=0000000000000042" in text
+    assert "fff0" not in text
+
+
+def test_last_seen_before_the_first_run_is_labelled_so():
+    seen = LastSeen(index=1, rip=0x1000, rflags=2, gprs={}, exit_name=None, seconds_before=0.0012)
+    assert format_last_seen(seen).splitlines()[0] == (
+        "vCPU 1: last seen at RIP 0x1000 before its first KVM_RUN, 1.2 ms before it stopped "
+        "(the state the VMM set)")
 
 
 # -- (b) port I/O through the bus --------------------------------------------------
@@ -345,17 +405,65 @@ class EmulationFailingVcpu:
     def get_sregs(self):
         return self._sregs
 
-    def inject_exception(self, vector: int) -> None:
+    def inject_exception_as_is(self, vector: int) -> None:
         self.injected.append(vector)
 
     def translate(self, gva: int) -> tuple[int, bool]:
         return (0x1000 + gva - LONG_MODE_RIP, True) if gva >= LONG_MODE_RIP else (0, False)
 
 
-def run_scripted(vcpu, quirks, memory=None) -> tuple[VcpuRunner, VcpuStop]:
+class ResettingVcpu:
+    """Stands in for a Vcpu on AMD KVM: one I/O exit in 64-bit kernel mode,
+    then (50 ms later) a SHUTDOWN after which its registers are the reset
+    state; KVM syncs each exit's registers into `exit_regs`."""
+
+    def __init__(self):
+        from microvmm.kvm import Sregs
+        self._buffer = bytearray(Regs().to_bytes())
+        self.exit_regs = memoryview(self._buffer)
+        self.regs = Regs(rip=LONG_MODE_RIP)
+        self._sregs = Sregs()
+        self._sregs.cr0, self._sregs.efer = 0x80050033, 0xD01
+        self._sregs.cs.l, self._sregs.cs.selector = 1, 0x10
+        self._steps = ["io", "shutdown"]
+        self.immediate_exit = 0
+        self.io = IoExit(IoDirection.OUT, 1, 0x10, 1, memoryview(bytearray(b"\x42")))
+
+    def run(self) -> int:
+        step = self._steps.pop(0) if self._steps else "hlt"
+        if step == "io":
+            self.regs = Regs(rip=LONG_MODE_RIP + 2, rax=0x42)
+            reason = ExitReason.IO
+        elif step == "shutdown":
+            time.sleep(0.05)
+            from microvmm.kvm import Sregs
+            self.regs = Regs(rip=0xFFF0, rdx=0x600)          # what an INIT leaves
+            self._sregs = Sregs()
+            self._sregs.cs.selector, self._sregs.cs.base, self._sregs.cr0 = 0xF000, 0xFFFF0000, 0x60000010
+            reason = ExitReason.SHUTDOWN
+        else:
+            return ExitReason.HLT
+        self._buffer[:] = self.regs.to_bytes()               # as KVM_SYNC_X86_REGS does
+        return reason
+
+    def get_regs(self) -> Regs:
+        return dataclasses.replace(self.regs)
+
+    def get_sregs(self):
+        return self._sregs
+
+    def sync_registers_at_exit(self) -> memoryview:
+        return self.exit_regs
+
+    def translate(self, gva: int) -> tuple[int, bool]:
+        return (0, False)
+
+
+def run_scripted(vcpu, quirks, memory=None, sync_exit_regs=False) -> tuple[VcpuRunner, VcpuStop]:
     stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
     memory = memory or GuestMemory([(0, 0x4000)])
-    runner = VcpuRunner(0, vcpu, memory, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"), quirks, stops.put)
+    runner = VcpuRunner(0, vcpu, memory, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"), quirks, stops.put,
+                        sync_exit_regs=sync_exit_regs)
     runner.start()
     stop = stops.get(timeout=STOP_TIMEOUT)
     runner.thread.join(STOP_TIMEOUT)

@@ -20,7 +20,7 @@ _LAZY = {
     "LoadedBzImage": "bzimage", "SetupHeader": "bzimage", "load_bzimage": "bzimage",
     "DecompressedBzImage": "bzimage", "decompress_bzimage": "payload",
     "parse_setup_header": "bzimage",
-    "CpuidEntry": "cpuid", "vcpu_cpuid": "cpuid",
+    "CpuidEntry": "cpuid", "KvmPvFeature": "cpuid", "vcpu_cpuid": "cpuid",
     "KernelFormat": "elf", "LoadedElf": "elf", "detect_kernel_format": "elf", "load_elf_vmlinux": "elf",
     "load_elf_vmlinux_file": "elf",
     "BootInfo": "linux", "setup_linux_boot": "linux",
@@ -39,7 +39,8 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 __all__ = [
     "BootError", "BootInfo", "BootParams", "BzImageError", "CmdlineError", "CpuidEntry",
     "DecompressedBzImage", "DecompressedPayload", "DescriptorTable", "E820Entry", "E820Type",
-    "ElfError", "InitrdError", "KernelFormat", "KernelFormatError", "LoadedBzImage", "LoadedElf",
+    "ElfError", "InitrdError", "KernelFormat", "KernelFormatError", "KvmPvFeature", "LoadedBzImage",
+    "LoadedElf",
     "LoadedInitrd", "LongModeState", "MemoryLayoutError", "MpTableError", "PayloadCorruptError",
     "PayloadError", "PayloadFormat", "PayloadLocationError", "PayloadNotElfError",
     "PayloadTooLargeError", "PciIrq", "RNG_SEED_SIZE", "Segment", "SetupDataType", "SetupHeader",

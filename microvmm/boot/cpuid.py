@@ -15,11 +15,14 @@ Changed, and nothing else:
   SMT level (1 thread), subleaf 1 = core level (num_vcpus), later subleaves
   invalid; EDX = x2APIC id.
 - leaf 0x8000_0008 (AMD): ECX[7:0] = cores per package - 1.
-The KVM paravirt leaves 0x4000_0000.. pass through unchanged.
+- leaf 0x4000_0001 (KVM paravirt features), only when the caller hides some:
+  EAX loses the `hidden_kvm_features` bits (a host workaround, hostinfo.py).
+The other KVM paravirt leaves pass through unchanged.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, is_dataclass, replace
 from typing import Iterable, Protocol
 
@@ -52,6 +55,7 @@ LEAF_CACHE_PARAMS = 0x4
 LEAF_EXT_TOPOLOGY = 0xB
 LEAF_EXT_TOPOLOGY_V2 = 0x1F
 LEAF_AMD_SIZE_IDS = 0x8000_0008
+LEAF_KVM_FEATURES = 0x4000_0001
 
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
@@ -59,6 +63,30 @@ LEAF1_EDX_HTT = 1 << 28
 TOPOLOGY_LEVEL_INVALID = 0
 TOPOLOGY_LEVEL_SMT = 1
 TOPOLOGY_LEVEL_CORE = 2
+
+
+class KvmPvFeature(enum.IntFlag):
+    """CPUID 0x4000_0001 EAX: the KVM paravirt features a guest may use
+    (KVM_FEATURE_<name> in Linux's arch/x86/include/uapi/asm/kvm_para.h)."""
+
+    CLOCKSOURCE = 1 << 0
+    NOP_IO_DELAY = 1 << 1
+    MMU_OP = 1 << 2
+    CLOCKSOURCE2 = 1 << 3
+    ASYNC_PF = 1 << 4
+    STEAL_TIME = 1 << 5
+    PV_EOI = 1 << 6
+    PV_UNHALT = 1 << 7
+    PV_TLB_FLUSH = 1 << 9
+    ASYNC_PF_VMEXIT = 1 << 10
+    PV_SEND_IPI = 1 << 11
+    POLL_CONTROL = 1 << 12
+    PV_SCHED_YIELD = 1 << 13
+    ASYNC_PF_INT = 1 << 14
+    MSI_EXT_DEST_ID = 1 << 15
+    HC_MAP_GPA_RANGE = 1 << 16
+    MIGRATION_CONTROL = 1 << 17
+    CLOCKSOURCE_STABLE_BIT = 1 << 24
 
 
 def _apic_id_shift(count: int) -> int:
@@ -76,8 +104,12 @@ def _topology_subleaf(entry, apic_id: int, num_vcpus: int):
     return replace(entry, eax=eax, ebx=ebx, ecx=(level << 8) | (entry.index & 0xFF), edx=apic_id)
 
 
-def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) -> list:
+def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int,
+               hidden_kvm_features: KvmPvFeature = KvmPvFeature(0)) -> list:
     """The CPUID entries for vCPU `vcpu_index` of `num_vcpus`, derived from KVM's supported list.
+
+    `hidden_kvm_features` are cleared from the KVM paravirt feature leaf, so
+    the guest never uses them.
 
     Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes
     and leaves them untouched. Dataclass entries (such as the KVM binding's
@@ -110,5 +142,7 @@ def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int) 
             entry = _topology_subleaf(entry, apic_id, num_vcpus)
         elif entry.function == LEAF_AMD_SIZE_IDS:
             entry = replace(entry, ecx=(entry.ecx & ~0xFF) | (num_vcpus - 1))
+        elif entry.function == LEAF_KVM_FEATURES and entry.eax & hidden_kvm_features:
+            entry = replace(entry, eax=entry.eax & ~int(hidden_kvm_features))
         result.append(entry)
     return result

@@ -13,6 +13,11 @@ from microvmm.diag.symbols import SymbolMap
 _GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
               "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
+# Where an x86 CPU starts after RESET/INIT: CS selector f000 (base ffff0000),
+# IP fff0, real mode.
+RESET_VECTOR_IP = 0xFFF0
+RESET_CS_SELECTOR = 0xF000
+
 
 @dataclass
 class CpuSnapshot:
@@ -48,6 +53,52 @@ class CpuSnapshot:
         return self.cs_selector & 3
 
 
+@dataclass
+class LastSeen:
+    """A vCPU's general registers at its last exit to the VMM before it
+    stopped, as KVM synced them into kvm_run (no control or segment state)."""
+
+    index: int
+    rip: int
+    rflags: int
+    gprs: dict[str, int]
+    #: The exit's reason ("io", "mmio", ...); None: the state the VMM set
+    #: before the vCPU's first KVM_RUN (it stopped in that very first run).
+    exit_name: str | None
+    seconds_before: float
+
+
+def is_reset_state(snapshot: CpuSnapshot) -> bool:
+    """True if the vCPU holds the x86 reset state (real mode at f000:fff0).
+
+    After KVM_EXIT_SHUTDOWN that means KVM reset the vCPU (AMD SVM clears the
+    VMCB and INITs it: svm.c shutdown_interception), so the registers say
+    nothing about where the guest faulted; VMX and kvm_pvm leave them as they
+    were at the fault."""
+    return (snapshot.rip == RESET_VECTOR_IP and snapshot.cs_selector == RESET_CS_SELECTOR
+            and not snapshot.cr0 & 1)
+
+
+def _gpr_rows(gprs: dict[str, int]) -> list[str]:
+    regs = [f"{name.upper():>3}={gprs.get(name, 0):016x}" for name in _GPR_ORDER]
+    return ["  " + " ".join(regs[row:row + 4]) for row in range(0, len(regs), 4)]
+
+
+def format_last_seen(seen: LastSeen, symbols: SymbolMap | None = None) -> str:
+    """Where the vCPU was last seen, saying when: the only position known once
+    KVM has reset it."""
+    where = symbols.describe(seen.rip) if symbols else f"{seen.rip:#x}"
+    ms = seen.seconds_before * 1000
+    if seen.exit_name is None:
+        when = f"before its first KVM_RUN, {ms:.1f} ms before it stopped (the state the VMM set)"
+    else:
+        when = f"at its last exit to the VMM ({seen.exit_name}), {ms:.1f} ms before it stopped"
+    lines = [f"vCPU {seen.index}: last seen at RIP {where} {when}"]
+    lines += _gpr_rows(seen.gprs)
+    lines.append(f"  RFLAGS={seen.rflags:08x} (control registers and mode: not recorded at exits)")
+    return "\n".join(lines)
+
+
 def decode_instruction(code: bytes, address: int, bits: int) -> str | None:
     """The first instruction of `code` in Intel syntax, or None if undecodable."""
     if not code:
@@ -71,9 +122,7 @@ def format_snapshot(snapshot: CpuSnapshot, symbols: SymbolMap | None = None) -> 
         lines.append(f"  instruction: {insn}")
     elif snapshot.code:
         lines.append(f"  instruction bytes: {snapshot.code.hex(' ')} (not decodable)")
-    regs = [f"{name.upper():>3}={snapshot.gprs.get(name, 0):016x}" for name in _GPR_ORDER]
-    for row in range(0, len(regs), 4):
-        lines.append("  " + " ".join(regs[row:row + 4]))
+    lines += _gpr_rows(snapshot.gprs)
     lines.append(f"  RFLAGS={snapshot.rflags:08x} CR0={snapshot.cr0:08x} CR2={snapshot.cr2:016x}"
                  f" CR3={snapshot.cr3:016x} CR4={snapshot.cr4:08x} EFER={snapshot.efer:x}"
                  f" CS={snapshot.cs_selector:04x}")

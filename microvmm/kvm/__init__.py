@@ -7,6 +7,7 @@ no compiler at run time); ioctl numbers are computed with ioctl_opt.
 from microvmm.kvm.constants import (
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYNC_X86_REGS,
     Cap,
     ExitReason,
     GuestDebugFlag,
@@ -22,10 +23,11 @@ from microvmm.kvm.constants import (
     SystemEvent,
     VcpuEventValid,
 )
-from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError
+from microvmm.kvm.errors import KvmError, KvmExitDataError, KvmUnavailableError, SoftExceptionError
 from microvmm.kvm.state import CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 from microvmm.kvm.system import Kvm
 from microvmm.kvm.vcpu import (
+    SOFT_EXCEPTION_VECTORS,
     DebugExit,
     EmulationFailure,
     FailEntry,
@@ -44,14 +46,14 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
 
 
 __all__ = [
-    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_PIT_SPEAKER_DUMMY", "KVM_SYNC_X86_REGS",
     "Cap", "ExitReason", "GuestDebugFlag", "InternalErrorSuberror", "IoDirection",
     "IoeventfdFlag", "Ioctl", "Irqchip", "IrqfdFlag", "IrqRoutingType", "MemFlag",
     "MpState", "SystemEvent", "VcpuEventValid",
-    "KvmError", "KvmExitDataError", "KvmUnavailableError",
+    "KvmError", "KvmExitDataError", "KvmUnavailableError", "SoftExceptionError",
     "CpuidEntry", "DTable", "ExceptionEvent", "Fpu", "InterruptEvent", "NmiEvent",
     "Regs", "Segment", "SmiEvent", "Sregs", "VcpuEvents",
     "Kvm", "Vm", "Vcpu", "IrqchipRoute", "MsiRoute",
     "DebugExit", "EmulationFailure", "FailEntry", "InternalError", "IoExit", "MmioExit",
-    "SystemEventExit",
+    "SystemEventExit", "SOFT_EXCEPTION_VECTORS",
 ]

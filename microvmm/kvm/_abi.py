@@ -22,6 +22,16 @@ struct kvm_debug_exit_arch {
     uint32_t exception; uint32_t pad; uint64_t pc; uint64_t dr6; uint64_t dr7;
 };
 
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+/* x86: struct kvm_sregs and kvm_vcpu_events follow regs; unused here, and the
+ * padding of kvm_run.s keeps the union's size. */
+struct kvm_sync_regs { struct kvm_regs regs; };
+
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;
@@ -57,13 +67,7 @@ struct kvm_run {
     };
     uint64_t kvm_valid_regs;
     uint64_t kvm_dirty_regs;
-    union { char padding[2048]; } s;
-};
-
-struct kvm_regs {
-    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
-    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
-    uint64_t rip, rflags;
+    union { struct kvm_sync_regs regs; char padding[2048]; } s;
 };
 
 struct kvm_segment {
@@ -214,7 +218,7 @@ CHECKED_FIELDS: dict[str, tuple[str, ...]] = {
         "emulation_failure.insn_bytes",
         "system_event.type", "system_event.ndata", "system_event.flags",
         "system_event.data",
-        "kvm_valid_regs", "kvm_dirty_regs", "s",
+        "kvm_valid_regs", "kvm_dirty_regs", "s", "s.regs.regs",
     ),
     "struct kvm_regs": (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",

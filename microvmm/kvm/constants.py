@@ -108,6 +108,7 @@ class Cap(enum.IntEnum):
     DEBUGREGS = 50
     MAX_VCPUS = 66
     TSC_DEADLINE_TIMER = 72
+    SYNC_REGS = 74
     SIGNAL_MSI = 77
     READONLY_MEM = 81
     IRQFD_RESAMPLE = 82
@@ -259,6 +260,9 @@ class VcpuEventValid(enum.IntFlag):
 # kvm_pit_config.flags
 KVM_PIT_SPEAKER_DUMMY = 1
 
+#: kvm_run.kvm_valid_regs: KVM copies struct kvm_regs into kvm_run.s at each exit.
+KVM_SYNC_X86_REGS = 1 << 0
+
 
 # Header macro prefix of each enum's members (``Cap.IRQCHIP`` is
 # ``KVM_CAP_IRQCHIP``): lets the ABI test check every value against the header.
@@ -285,4 +289,5 @@ HEADER_SCALARS: dict[str, int] = {
     "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES":
         KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     "KVM_PIT_SPEAKER_DUMMY": KVM_PIT_SPEAKER_DUMMY,
+    "KVM_SYNC_X86_REGS": KVM_SYNC_X86_REGS,
 }

@@ -60,3 +60,12 @@ class KvmExitDataError(Exception):
     The kernel should never do this; the check keeps a bad value from turning
     into an out-of-bounds host access.
     """
+
+
+class SoftExceptionError(ValueError):
+    """``Vcpu.inject_exception`` was asked for #BP or #OF.
+
+    KVM injects those as software exceptions, completions of an INT3/INTO
+    instruction at RIP, and each KVM implementation does that differently
+    (see ``Vcpu.inject_exception``): there is no portable meaning to give them.
+    """

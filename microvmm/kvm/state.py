@@ -8,6 +8,7 @@ them before a guest runs, and each dataclass costs start-up time to create.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field, fields
 
 from microvmm.kvm._ffi import ffi
@@ -45,12 +46,23 @@ class Regs:
     def from_c(cls, c) -> "Regs":
         return cls(*[getattr(c, n) for n in _REGS_NAMES])
 
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> "Regs":
+        """From the raw bytes of a struct kvm_regs (e.g. a copy of the
+        registers KVM synced into kvm_run at an exit)."""
+        return cls(*_REGS_LAYOUT.unpack_from(data))
+
+    def to_bytes(self) -> bytes:
+        """The raw bytes of the struct kvm_regs these registers make."""
+        return _REGS_LAYOUT.pack(*[getattr(self, n) for n in _REGS_NAMES])
+
     def to_c(self, c) -> None:
         for n in _REGS_NAMES:
             setattr(c, n, getattr(self, n))
 
 
 _REGS_NAMES = field_names(Regs)
+_REGS_LAYOUT = struct.Struct(f"<{len(_REGS_NAMES)}Q")  # struct kvm_regs: 18 u64 in field order
 
 
 @dataclass

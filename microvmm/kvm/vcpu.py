@@ -13,11 +13,12 @@ from microvmm.kvm._ffi import ffi, libc
 from microvmm.kvm._ioctl import ioctl
 from microvmm.kvm.constants import (
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_SYNC_X86_REGS,
     ExitReason,
     Ioctl,
     MpState,
 )
-from microvmm.kvm.errors import KvmError, KvmExitDataError
+from microvmm.kvm.errors import KvmError, KvmExitDataError, SoftExceptionError
 from microvmm.kvm.state import CpuidEntry, Fpu, Regs, Sregs
 
 if TYPE_CHECKING:
@@ -30,8 +31,14 @@ _EXIT_INTR = int(ExitReason.INTR)
 _RUN_INTERRUPTED = (errno.EINTR, errno.EAGAIN)
 _MMIO_DATA_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "data")
 _KVM_RUN_SIZE = ffi.sizeof("struct kvm_run")
+_SYNC_REGS_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs")
+_SYNC_REGS_SIZE = ffi.sizeof("struct kvm_regs")
 _IO_SIZES = (1, 2, 4)
 _MAX_EXCEPTION_VECTOR = 31
+_NMI_VECTOR = 2
+#: The vectors KVM injects as software exceptions (x86.c kvm_exception_is_soft):
+#: #BP, raised by INT3, and #OF, raised by INTO.
+SOFT_EXCEPTION_VECTORS = frozenset({3, 4})
 _MAX_DEBUGREGS = 8
 
 
@@ -148,6 +155,15 @@ class Vcpu:
     @request_interrupt_window.setter
     def request_interrupt_window(self, value: bool) -> None:
         self._run.request_interrupt_window = 1 if value else 0
+
+    def sync_registers_at_exit(self) -> memoryview:
+        """Have KVM copy the general registers into kvm_run at every exit
+        (kvm_valid_regs = KVM_SYNC_X86_REGS; check Cap.SYNC_REGS first) and
+        return a read-only view of them: the registers of the last exit, valid
+        until the next run(). ``Regs.from_bytes`` decodes a copy. Costs no
+        ioctl: KVM writes them while it returns from KVM_RUN."""
+        self._run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        return self._view[_SYNC_REGS_OFFSET:_SYNC_REGS_OFFSET + _SYNC_REGS_SIZE].toreadonly()
 
     def run(self) -> int:
         """KVM_RUN. Returns the exit reason (an ExitReason value), or
@@ -293,11 +309,52 @@ class Vcpu:
         ioctl(self.fileno(), Ioctl.KVM_SET_VCPU_EVENTS, c)
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
-        """Make the guest take exception ``vector`` on the next entry
-        (KVM_SET_VCPU_EVENTS, exception.injected = 1). Used e.g. to deliver
-        #BP for an ``int3`` this host's emulator could not execute."""
+        """Make the guest take exception ``vector`` at its current RIP on the
+        next KVM_RUN, as if the instruction at RIP had faulted: the exception
+        frame holds RIP itself (KVM_SET_VCPU_EVENTS, exception.injected = 1).
+        That is what VMX, SVM and kvm_pvm all do for a hardware exception.
+
+        #BP (3) and #OF (4) raise SoftExceptionError. KVM injects those as
+        *software* exceptions, the completion of an INT3/INTO instruction at
+        RIP, whose frame must hold the address after it, and each KVM gets
+        that address its own way (read in the Linux and PVM sources):
+
+        - SVM (svm_inject_exception -> svm_update_soft_interrupt_rip) skips the
+          instruction at RIP first: with the VMCB's NextRIP when the last
+          #VMEXIT left one there (stale after an unrelated exit), else by
+          decoding it; since the fix for replaced INT3s (x86.c
+          is_soft_int_instruction; the Debian 6.1 kernel of the nested-SVM
+          lane has it) it drops the event unless that instruction is
+          INT3/INTO: the guest never sees it and re-runs the instruction (on
+          a `jmp $`, for ever).
+        - VMX (vmx_inject_exception) enters with VM_ENTRY_INSTRUCTION_LEN =
+          the length of the last exit's instruction (event_exit_inst_len),
+          right only after a #BP intercept (guest debugging), else stale or 0.
+        - kvm_pvm (pvm_inject_exception -> do_pvm_event) delivers it at the
+          current RIP like a fault, with no instruction length.
+
+        So no (RIP, event) pair means the same on all of them, and
+        KVM_GET_VCPU_EVENTS never reports a soft exception ("The API doesn't
+        provide the instruction length for software exceptions"). Code that
+        knows its KVM uses ``inject_exception_as_is`` (the kvm_pvm int3
+        workaround in vcpu_runner.py does).
+        """
+        if vector in SOFT_EXCEPTION_VECTORS:
+            raise SoftExceptionError(
+                f"exception vector {vector} (#{'BP' if vector == 3 else 'OF'}) is a software "
+                "exception: KVM completes the INT3/INTO at RIP differently on SVM, VMX and "
+                "kvm_pvm; see Vcpu.inject_exception")
+        self.inject_exception_as_is(vector, error_code)
+
+    def inject_exception_as_is(self, vector: int, error_code: int | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS with exception ``vector`` injected, #BP and #OF
+        included, leaving RIP and the delivery to this KVM's own rules (see
+        inject_exception). The vector and error code are checked."""
         if not 0 <= vector <= _MAX_EXCEPTION_VECTOR:
             raise ValueError(f"exception vector {vector} is not 0..31")
+        if vector == _NMI_VECTOR:
+            # An interrupt, not an exception: KVM_SET_VCPU_EVENTS refuses it (EINVAL).
+            raise ValueError("vector 2 is the NMI, an interrupt: KVM_SET_VCPU_EVENTS takes no exception 2")
         if error_code is not None and not 0 <= error_code <= 0xFFFF_FFFF:
             raise ValueError(f"error code {error_code:#x} does not fit in 32 bits")
         from microvmm.kvm.events import ExceptionEvent
