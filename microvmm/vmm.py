@@ -247,7 +247,8 @@ class Vmm:
         from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
 
         config = self.config
-        cmdline = kernel_cmdline(config.cmdline, quirks.cmdline_additions, config.command)
+        cmdline = kernel_cmdline(config.cmdline, quirks.cmdline_additions, config.command,
+                                 kaslr=config.kaslr)
         self.cmdline = cmdline
 
         # Built by the preparation's helper threads meanwhile; their errors
@@ -273,6 +274,9 @@ class Vmm:
         self._port_backends = self._open_port_backends()
         self.boot = boot
         self._announce_payload_workaround(boot)
+        if not config.kaslr:
+            logger.info("kernel address randomization off ('nokaslr' added): System.map addresses "
+                        "are the running kernel's (--kaslr keeps it)")
         self._gate = gate = DeviceGate()
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
