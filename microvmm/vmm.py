@@ -27,7 +27,7 @@ from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel
 from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
-    from microvmm.diag.symbols import SymbolMap
+    from microvmm.diag.symbols import KaslrSymbols, SymbolMap
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Vmm:
         self._timeout_kind: str | None = None
         self._expect_seen = False
         self._status_port = None
-        self._symbols: SymbolMap | None = None
+        self._symbols: SymbolMap | KaslrSymbols | None = None
         self._symbols_loaded = False
         self._serial_pending = bytearray()
         self._serial_input_fd: int | None = None
@@ -541,6 +541,10 @@ class Vmm:
                 break
 
     def _teardown(self) -> None:
+        if self.config.kaslr and getattr(self, "runners", None) and self.symbols is not None:
+            # Said while guest RAM and the vCPUs are still there, and before
+            # the profile report needs it.
+            getattr(self.symbols, "offset", None)
         if getattr(self, "profiler", None) is not None:
             self.profiler.stop()  # before the vCPUs go: it samples them
             self._write_profile()
@@ -738,7 +742,7 @@ class Vmm:
     # -- serial console wiring ------------------------------------------------
 
     @property
-    def symbols(self) -> SymbolMap | None:
+    def symbols(self) -> SymbolMap | KaslrSymbols | None:
         """The kernel's System.map, parsed on first use: only diagnostics and
         the profiler need it, and parsing costs ~20 ms of start-up."""
         if not self._symbols_loaded:
@@ -750,7 +754,38 @@ class Vmm:
                     self._symbols = SymbolMap.from_file(path)
                 except SymbolMapError as err:
                     logger.warning("%s; diagnostics will show raw addresses", err)
+            if self._symbols is not None and self.config.kaslr:
+                from microvmm.diag.symbols import KaslrSymbols
+                self._symbols = KaslrSymbols(self._symbols, self._find_kaslr_offset)
         return self._symbols
+
+    def _find_kaslr_offset(self) -> int | None:
+        """`--kaslr`: how far the running kernel is from its System.map
+        addresses, read from the page tables of a vCPU's CR3 (diag/kaslr.py);
+        None while that is not known. Said once when found."""
+        from microvmm.diag.kaslr import kaslr_offset
+        from microvmm.diag.symbols import KaslrSymbols
+        symbols = self._symbols.symbols if isinstance(self._symbols, KaslrSymbols) else self._symbols
+        link_text = symbols.address_of("_text") if symbols is not None else None
+        if link_text is None:
+            return None
+        for runner in getattr(self, "runners", ()):
+            # A running vCPU answers between two KVM_RUNs; a stopped one is read here.
+            snapshot = runner.request_snapshot(timeout=0.5) if runner.thread.is_alive() else None
+            if snapshot is None and not runner.thread.is_alive():
+                try:
+                    snapshot = runner.snapshot()
+                except Exception as err:  # an odd state: no offset, no crash
+                    logger.debug("vCPU %d: no state for the KASLR offset: %s", runner.index, err)
+            if snapshot is None:
+                continue
+            offset = kaslr_offset(self.memory, snapshot.cr3, link_text)
+            if offset is not None:
+                logger.info("--kaslr: the kernel runs %#x bytes from its System.map addresses "
+                            "(_text at %#x; from the guest's page tables, CR3 %#x)",
+                            offset, link_text + offset, snapshot.cr3)
+                return offset
+        return None
 
     def _open_serial_sink(self) -> _OutputSink | None:
         serial = self.config.serial
