@@ -17,6 +17,7 @@ host first, and in L1 it finds the cache.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -29,7 +30,7 @@ import pytest
 from microvmm.boot.payload import decompress_bzimage
 from microvmm.hostinfo import HostKind, detect_host_kind
 from tests.e2e_support import REPO, require_images, require_kvm
-from microvmm.testing import GuestProcess
+from microvmm.testing import GuestProcess, GuestTimeout
 
 # In the lane the stock kernel's boot to a command's status took ~32 s (with
 # its 512 MiB); this bounds a hang, it is not a speed check.
@@ -103,8 +104,19 @@ def test_stock_kernel_with_its_modules_runs_a_command(stock_kernel):
     assert "nokaslr" in result.stderr
 
 
+def require_ptys() -> None:
+    try:
+        master, slave = os.openpty()
+    except OSError as err:
+        pytest.skip(f"no ptys on this machine (os.openpty: {err.strerror}; the real-KVM lane's L1 "
+                    f"had no /dev/ptmx)")
+    os.close(master)
+    os.close(slave)
+
+
 def test_stock_kernel_console_on_a_pty(stock_kernel):
     """@pty console: /dev/console is hvc0 once the modules are loaded (init's marker goes there)."""
+    require_ptys()
     result = run_stock(stock_kernel, "--serial", "off", "--console", "@pty:p0",
                        "--expect", "microvmm: init reached", "--expect-port", "p0")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -115,11 +127,17 @@ def test_stock_kernel_shell_on_stdio_and_nokaslr_symbols(stock_kernel, tmp_path)
     """@stdio console: the default guest's shell on hvc0. Under the default
     nokaslr the running kernel is at its link addresses, so its
     /proc/kallsyms is a System.map for later boots."""
+    serial = tmp_path / "serial.log"
     guest = GuestProcess("-v", "--kernel", str(stock_kernel.vmlinuz), "--modules", str(stock_kernel.modules),
-                         "--mem", STOCK_MEM, "--timeout", str(RUN_TIMEOUT), "--serial", "off",
+                         "--mem", STOCK_MEM, "--timeout", str(RUN_TIMEOUT), "--serial", f"file:{serial}",
                          "--console", "@stdio:con", cwd=REPO)
     try:
-        guest.wait_for_shell(RUN_TIMEOUT)
+        try:
+            guest.wait_for_shell(RUN_TIMEOUT)
+        except GuestTimeout as err:
+            log = serial.read_text(errors="replace")[-3000:] if serial.exists() else "(none)"
+            raise AssertionError(f"{err}\nmicrovmm's stderr:\n{guest.stderr.text[-3000:]}\n"
+                                 f"serial console:\n{log}") from None
         status, out = guest.run("uname -r; cat /sys/class/virtio-ports/*/name")
         assert status == 0 and out.split() == [stock_kernel.release, "con"], out
         status, out = guest.run("grep -E ' [Tt] (_text|start_kernel)$' /proc/kallsyms")
