@@ -407,6 +407,7 @@ class Vmm:
         self._closers.append(console.close)
         self._closers.append(console.restore_terminals)
         transport = VirtioPciLegacy(console, self.memory)
+        self._console_transport = transport  # did the guest ever drive it? (_no_driver_hint)
         assignment = pci.add_device(transport, slot=CONSOLE_PCI_SLOT)
         router = GsiRouter(self.vm)
         msi = KvmMsiController(self.vm, router, transport.num_queues + 1)
@@ -727,17 +728,27 @@ class Vmm:
             if self._expect_seen:
                 return VmOutcome(ExitCode.OK, f"expected output seen after {self.monitor.expect_time:.1f} s: "
                                               f"{self.monitor.expect_line}")
-            return VmOutcome(ExitCode.NO_RESULT, f"guest stopped without printing {self.config.expect!r}",
-                             report=lines_report)
+            return VmOutcome(ExitCode.NO_RESULT, f"guest stopped without printing {self.config.expect!r}"
+                                                 f"{self._no_driver_hint()}", report=lines_report)
         if self.config.command is not None:
             status = parse_command_status(bytes(self._status_port.data)) if self._status_port else None
             if status is None:
                 return VmOutcome(ExitCode.NO_RESULT,
-                                 f"guest stopped after {elapsed:.1f} s without reporting the command's status",
-                                 report=lines_report)
+                                 f"guest stopped after {elapsed:.1f} s without reporting the command's status"
+                                 f"{self._no_driver_hint()}", report=lines_report)
             return VmOutcome(status, f"command exited with status {status} after {elapsed:.1f} s")
         how = f" ({stop.detail})" if stop.reason in (StopReason.POWER_OFF, StopReason.HALTED) else ""
         return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value}{how} after {elapsed:.1f} s")
+
+    def _no_driver_hint(self) -> str:
+        """Why a run with console ports may have had no result: the guest never
+        started the virtio-console device (no driver: a kernel whose virtio is
+        modular, booted without --modules)."""
+        transport = getattr(self, "_console_transport", None)
+        if transport is None or transport.driver_seen:
+            return ""
+        return ("; the guest kernel never started the virtio-console device (no virtio_pci/virtio_console "
+                "driver: a distribution kernel has them as modules, give them with --modules DIR)")
 
     # -- serial console wiring ------------------------------------------------
 

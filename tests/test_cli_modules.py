@@ -108,3 +108,19 @@ def test_nokaslr_is_added_unless_kaslr_is_asked_for(tmp_path, files, vmm_calls):
     assert "nokaslr" not in kernel_cmdline(kaslr.cmdline, (), None, kaslr=kaslr.kaslr).split()
     # Host additions and the user's own line are kept; init's arguments stay last.
     assert kernel_cmdline("console=ttyS0 -- single", ("noxsave",), None) == "console=ttyS0 noxsave nokaslr -- single"
+
+
+@pytest.mark.parametrize("driver_seen, hinted", [(False, True), (True, False)])
+def test_a_command_without_result_says_when_no_virtio_driver_ever_came(files, driver_seen, hinted):
+    """A distribution kernel booted without --modules: the guest never drives
+    the console device, the command never reports; the verdict says why."""
+    from types import SimpleNamespace
+
+    from microvmm.vmm import Vmm
+    kernel, initrd = files
+    vmm = Vmm(VmConfig(kernel=kernel, initrd=initrd, cmdline="console=ttyS0", command=["true"]))
+    vmm._console_transport = SimpleNamespace(driver_seen=driver_seen)
+    outcome = vmm._outcome()
+    assert outcome.exit_code == ExitCode.NO_RESULT
+    assert ("never started the virtio-console device" in outcome.summary) is hinted
+    assert ("--modules DIR" in outcome.summary) is hinted
