@@ -253,7 +253,7 @@ def _run_modules_sh(tmp_path: Path, modules_dir: Path, cmdline: str, tty: Path) 
     (tmp_path / "cmdline").write_text(cmdline + "\n")
     env = {"PATH": os.environ["PATH"], "MICROVMM_MODULES_DIR": str(modules_dir),
            "MICROVMM_INSMOD": str(fake_insmod), "MICROVMM_CMDLINE": str(tmp_path / "cmdline"),
-           "MICROVMM_TTY_SYSFS": str(tty)}
+           "MICROVMM_TTY_SYSFS": str(tty), "MICROVMM_DEV": str(tmp_path / "dev")}
     return subprocess.run([_busybox(), "sh", "-c", f'. {MODULES_SH}; echo done'], env=env,
                           capture_output=True, text=True, timeout=30)
 
@@ -264,6 +264,8 @@ def test_init_loads_the_listed_modules_in_order(tmp_path):
     (modules_dir / LIST_NAME).write_text("00-virtio_ring.ko\n01-virtio.ko\n03-bad.ko\n02-virtio_console.ko\n")
     tty = tmp_path / "tty"
     (tty / "hvc0").mkdir(parents=True)
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "hvc0").write_bytes(b"")  # opens
     result = _run_modules_sh(tmp_path, modules_dir, "console=ttyS0 console=hvc0", tty)
     assert result.stdout == "done\n"
     loaded = (tmp_path / "insmod.log").read_text().split()
@@ -279,10 +281,17 @@ def test_init_without_the_modules_archive_does_nothing(tmp_path):
     assert not (tmp_path / "insmod.log").exists()
 
 
-def test_init_says_when_hvc0_never_comes(tmp_path):
+@pytest.mark.parametrize("in_sysfs", [False, True])
+def test_init_says_when_hvc0_never_comes_or_never_opens(tmp_path, in_sysfs):
+    """In sysfs but not openable is what virtio_console shows for a moment
+    (tty registered, port not yet a console): not ready."""
     modules_dir = tmp_path / "modules"
     modules_dir.mkdir()
     (modules_dir / LIST_NAME).write_text("00-virtio.ko\n")
+    if in_sysfs:
+        (tmp_path / "tty" / "hvc0").mkdir(parents=True)
+        (tmp_path / "dev" / "hvc0").mkdir(parents=True)  # a directory does not open read-write
     result = _run_modules_sh(tmp_path, modules_dir, "console=hvc0", tmp_path / "tty")
     assert result.stdout == "done\n"
     assert "microvmm: no hvc0 after loading the modules" in result.stderr
+    assert "hvc0" not in result.stderr.replace("microvmm: no hvc0 after loading the modules", "")
