@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ports in ACRN's device syntax, e.g. --device virtio-console,@stdio:con,pty:p1")
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
+    run.add_argument("--modules", metavar="DIR",
+                     help="your kernel's modules (its lib/modules/VERSION, or the INSTALL_MOD_PATH "
+                          "root holding it): the ones the virtio console needs (virtio_pci, "
+                          "virtio_console and their dependencies, from modules.dep) are added to "
+                          "the default initramfs and loaded before its init, "
+                          "e.g. --modules /tmp/mods/lib/modules/6.1.0-57-amd64")
+    run.add_argument("--kaslr", action="store_true",
+                     help="keep the kernel's address randomization (default: 'nokaslr' is added so "
+                          "that System.map addresses in diagnostics and --profile are right)")
     run.add_argument("--system-map", metavar="PATH",
                      help="System.map for symbolized diagnostics (default: beside the kernel), "
                           "e.g. --system-map linux/System.map")
@@ -252,6 +261,7 @@ def _config_from_args(args: argparse.Namespace):
         raise UsageError("port names starting with 'microvmm.' are reserved for '-- CMD' runs")
     if any(p.name == "microvmm.kmsg" for p in ports):
         raise UsageError("port name 'microvmm.kmsg' is reserved for the kernel's log")
+    initrd_modules = _modules_from_args(args, kernel, initrd, ports) if args.modules else ()
     mem_size = parse_size(args.mem)
     try:
         guest_ram_layout(mem_size)
@@ -272,7 +282,7 @@ def _config_from_args(args: argparse.Namespace):
         log=Path(args.log) if args.log else None, junit=Path(args.junit) if args.junit else None,
         json=Path(args.json) if args.json else None,
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
-        stats=args.stats, seccomp=args.seccomp,
+        stats=args.stats, seccomp=args.seccomp, initrd_modules=initrd_modules, kaslr=args.kaslr,
     )
 
 
@@ -283,13 +293,34 @@ def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
     from microvmm.hostinfo import detect_host_kind, host_quirks
     from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
     quirks = host_quirks(*detect_host_kind(), enabled=not args.no_host_workarounds)
-    full = kernel_cmdline(cmdline, quirks.cmdline_additions, args.command)
+    full = kernel_cmdline(cmdline, quirks.cmdline_additions, args.command, kaslr=args.kaslr)
     length = len(full.encode())
     if length > KERNEL_CMDLINE_MAX:
         # (a `-- CMD` is on it only when it fits: it travels in the initramfs)
         parts = ["--cmdline/--append"] + (["the host workarounds"] if quirks.cmdline_additions else [])
         raise UsageError(f"the kernel command line would be {length} bytes ({', '.join(parts)}), "
                          f"more than Linux keeps ({KERNEL_CMDLINE_MAX}): shorten it")
+
+
+def _modules_from_args(args: argparse.Namespace, kernel: Path, initrd: Path | None, ports: list) -> tuple:
+    """--modules DIR: the module files to append to the initramfs, in load order.
+
+    The console modules are required when the guest must have virtio ports
+    (console ports or `-- CMD`); otherwise those missing are left out."""
+    from microvmm.guestmodules import ModulesError, check_kernel_release, find_module_tree, resolve_modules
+    if initrd is None:
+        raise UsageError("--modules needs an initramfs to add them to (not --initrd none)")
+    try:
+        tree = find_module_tree(Path(args.modules))
+        check_kernel_release(kernel, tree)
+        modules, built_in = resolve_modules(tree, required=bool(ports) or args.command is not None)
+    except ModulesError as err:
+        raise UsageError(str(err)) from None
+    logging.getLogger(__name__).info(
+        "--modules: %s from %s added to the initramfs%s",
+        ", ".join(m.name for m in modules) or "nothing", tree.path,
+        f" ({', '.join(built_in)} built in)" if built_in else "")
+    return tuple(modules)
 
 
 def _ports_from_args(args: argparse.Namespace) -> list:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from microvmm.diag.symbols import SymbolMap
+from microvmm.diag.symbols import KaslrSymbols, SymbolMap
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Sample:
 class GuestProfiler:
     """Samples vCPUs on its own thread from start() to stop()."""
 
-    def __init__(self, runners, phase: Callable[[], str], symbols: SymbolMap | None,
+    def __init__(self, runners, phase: Callable[[], str], symbols: SymbolMap | KaslrSymbols | None,
                  rate_hz: float = 100.0, clock: Callable[[], float] = time.monotonic):
         self._runners = runners
         self._phase = phase

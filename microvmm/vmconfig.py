@@ -10,6 +10,7 @@ from microvmm.hostinfo import merge_cmdline
 from microvmm.run_monitor import FailureLevel
 
 if TYPE_CHECKING:
+    from microvmm.guestmodules import ModuleFile
     from microvmm.virtio_console.spec import PortSpec
 
 
@@ -32,11 +33,17 @@ def command_parameter(argv: list[str]) -> str:
 COMMAND_PARAM_CMDLINE_LIMIT = 1536
 
 
-def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] | None) -> str:
+def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] | None, *,
+                   kaslr: bool = False) -> str:
     """The command line the guest kernel gets: the user's, then the additions
-    (the kernel's console, host workarounds) the user did not set, then a
-    `-- CMD` run's command as microvmm.cmd= if the whole stays within
-    COMMAND_PARAM_CMDLINE_LIMIT (the command of any length is in the initramfs)."""
+    (the kernel's console, host workarounds) the user did not set, `nokaslr`
+    unless `kaslr` (--kaslr), then a `-- CMD` run's command as microvmm.cmd=
+    if the whole stays within COMMAND_PARAM_CMDLINE_LIMIT (the command of any
+    length is in the initramfs)."""
+    if not kaslr:
+        # A randomized kernel runs at addresses System.map does not list:
+        # symbolized RIPs and --profile would name the wrong functions.
+        additions = (*additions, "nokaslr")
     merged = merge_cmdline(cmdline, additions)
     if command is not None:
         with_command = merge_cmdline(merged, (f"{COMMAND_PARAM}={command_parameter(command)}",))
@@ -94,3 +101,10 @@ class VmConfig:
     stats: bool = False
     #: "off", or the seccomp filter action for disallowed system calls.
     seccomp: str = "off"
+    #: `--modules`: kernel modules, in load order, appended to the initramfs
+    #: as a second archive that the default /init loads first.
+    initrd_modules: tuple["ModuleFile", ...] = ()
+    #: `--kaslr`: keep the kernel's address randomization; otherwise `nokaslr`
+    #: is added so System.map addresses (diagnostics, --profile) are the
+    #: running kernel's.
+    kaslr: bool = False

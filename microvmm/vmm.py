@@ -28,7 +28,7 @@ from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel
 from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
-    from microvmm.diag.symbols import SymbolMap
+    from microvmm.diag.symbols import KaslrSymbols, SymbolMap
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Vmm:
         self._timeout_kind: str | None = None
         self._expect_seen = False
         self._status_port = None
-        self._symbols: SymbolMap | None = None
+        self._symbols: SymbolMap | KaslrSymbols | None = None
         self._symbols_loaded = False
         self._serial_pending = bytearray()
         self._serial_input_fd: int | None = None
@@ -291,7 +291,8 @@ class Vmm:
             logger.info("kernel log on the serial line: %s", plan.why)
         # The command also travels in the initramfs (below): on the command
         # line only when it fits, for a user's own init that reads microvmm.cmd=.
-        cmdline = kernel_cmdline(config.cmdline, plan.cmdline_additions + quirks.cmdline_additions, config.command)
+        cmdline = kernel_cmdline(config.cmdline, plan.cmdline_additions + quirks.cmdline_additions,
+                                 config.command, kaslr=config.kaslr)
         self.cmdline = cmdline
 
         # Built by the preparation's helper threads meanwhile; their errors
@@ -322,6 +323,9 @@ class Vmm:
         self._port_backends = self._open_port_backends()
         self.boot = boot
         self._announce_payload_workaround(boot)
+        if not config.kaslr:
+            logger.info("kernel address randomization off ('nokaslr' added): System.map addresses "
+                        "are the running kernel's (--kaslr keeps it)")
         self._gate = gate = DeviceGate()
         # Each exit's registers in kvm_run, for where a vCPU that KVM resets on a
         # triple fault (AMD) was last seen.
@@ -469,6 +473,7 @@ class Vmm:
         self._closers.append(console.close)
         self._closers.append(console.restore_terminals)
         transport = VirtioPciLegacy(console, self.memory)
+        self._console_transport = transport  # did the guest ever drive it? (_no_driver_hint)
         assignment = pci.add_device(transport, slot=CONSOLE_PCI_SLOT)
         router = GsiRouter(self.vm)
         msi = KvmMsiController(self.vm, router, transport.num_queues + 1)
@@ -604,6 +609,10 @@ class Vmm:
                 break
 
     def _teardown(self) -> None:
+        if self.config.kaslr and getattr(self, "runners", None) and self.symbols is not None:
+            # Said while guest RAM and the vCPUs are still there, and before
+            # the profile report needs it.
+            getattr(self.symbols, "offset", None)
         if getattr(self, "profiler", None) is not None:
             self.profiler.stop()  # before the vCPUs go: it samples them
             self._write_profile()
@@ -802,22 +811,32 @@ class Vmm:
             if self._expect_seen:
                 return VmOutcome(ExitCode.OK, f"expected output seen after {self.monitor.expect_time:.1f} s: "
                                               f"{self.monitor.expect_line}")
-            return VmOutcome(ExitCode.NO_RESULT, f"guest stopped without printing {self.config.expect!r}",
-                             report=lines_report)
+            return VmOutcome(ExitCode.NO_RESULT, f"guest stopped without printing {self.config.expect!r}"
+                                                 f"{self._no_driver_hint()}", report=lines_report)
         if self.config.command is not None:
             status = parse_command_status(bytes(self._status_port.data)) if self._status_port else None
             if status is None:
                 return VmOutcome(ExitCode.NO_RESULT,
-                                 f"guest stopped after {elapsed:.1f} s without reporting the command's status",
-                                 report=lines_report)
+                                 f"guest stopped after {elapsed:.1f} s without reporting the command's status"
+                                 f"{self._no_driver_hint()}", report=lines_report)
             return VmOutcome(status, f"command exited with status {status} after {elapsed:.1f} s")
         how = f" ({stop.detail})" if stop.reason in (StopReason.POWER_OFF, StopReason.HALTED) else ""
         return VmOutcome(ExitCode.OK, f"guest stopped: {stop.reason.value}{how} after {elapsed:.1f} s")
 
+    def _no_driver_hint(self) -> str:
+        """Why a run with console ports may have had no result: the guest never
+        started the virtio-console device (no driver: a kernel whose virtio is
+        modular, booted without --modules)."""
+        transport = getattr(self, "_console_transport", None)
+        if transport is None or transport.driver_seen:
+            return ""
+        return ("; the guest kernel never started the virtio-console device (no virtio_pci/virtio_console "
+                "driver: a distribution kernel has them as modules, give them with --modules DIR)")
+
     # -- serial console wiring ------------------------------------------------
 
     @property
-    def symbols(self) -> SymbolMap | None:
+    def symbols(self) -> SymbolMap | KaslrSymbols | None:
         """The kernel's System.map, parsed on first use: only diagnostics and
         the profiler need it, and parsing costs ~20 ms of start-up."""
         if not self._symbols_loaded:
@@ -829,7 +848,38 @@ class Vmm:
                     self._symbols = SymbolMap.from_file(path)
                 except SymbolMapError as err:
                     logger.warning("%s; diagnostics will show raw addresses", err)
+            if self._symbols is not None and self.config.kaslr:
+                from microvmm.diag.symbols import KaslrSymbols
+                self._symbols = KaslrSymbols(self._symbols, self._find_kaslr_offset)
         return self._symbols
+
+    def _find_kaslr_offset(self) -> int | None:
+        """`--kaslr`: how far the running kernel is from its System.map
+        addresses, read from the page tables of a vCPU's CR3 (diag/kaslr.py);
+        None while that is not known. Said once when found."""
+        from microvmm.diag.kaslr import kaslr_offset
+        from microvmm.diag.symbols import KaslrSymbols
+        symbols = self._symbols.symbols if isinstance(self._symbols, KaslrSymbols) else self._symbols
+        link_text = symbols.address_of("_text") if symbols is not None else None
+        if link_text is None:
+            return None
+        for runner in getattr(self, "runners", ()):
+            # A running vCPU answers between two KVM_RUNs; a stopped one is read here.
+            snapshot = runner.request_snapshot(timeout=0.5) if runner.thread.is_alive() else None
+            if snapshot is None and not runner.thread.is_alive():
+                try:
+                    snapshot = runner.snapshot()
+                except Exception as err:  # an odd state: no offset, no crash
+                    logger.debug("vCPU %d: no state for the KASLR offset: %s", runner.index, err)
+            if snapshot is None:
+                continue
+            offset = kaslr_offset(self.memory, snapshot.cr3, link_text)
+            if offset is not None:
+                logger.info("--kaslr: the kernel runs %#x bytes from its System.map addresses "
+                            "(_text at %#x; from the guest's page tables, CR3 %#x)",
+                            offset, link_text + offset, snapshot.cr3)
+                return offset
+        return None
 
     def _open_serial_sink(self) -> _OutputSink | None:
         serial = self.config.serial

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from microvmm.boot.bzimage import DecompressedBzImage
     from microvmm.boot.elf import LoadedElf
     from microvmm.boot.initrd import LoadedInitrd
+    from microvmm.guestmodules import ModuleFile
     from microvmm.kvm import CpuidEntry, Kvm, Vm
     from microvmm.vmconfig import VmConfig
 
@@ -64,7 +65,8 @@ class VmPreparation:
         try:
             # The kernel's reads first: they need nothing more imported.
             self._images = ImageReader(config.kernel, config.initrd, self.memory,
-                                       decompress_bzimage=self.quirks.decompress_bzimage_on_host)
+                                       decompress_bzimage=self.quirks.decompress_bzimage_on_host,
+                                       initrd_modules=config.initrd_modules)
             # The KVM bindings are imported here, before the VM thread starts:
             # imported on that thread they would compete with the caller's
             # imports for the GIL and hold back the VM's ioctls.
@@ -228,25 +230,40 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
     surface from take() as the VmmError (unreadable file) or BootError (bad
     ELF, initrd or payload) they were. It keeps no reference to what take()
     handed over (a bzImage's bytes are garbage once in guest RAM).
+
+    `initrd_modules` (`run --modules`): kernel modules packed into a second
+    archive (guestmodules.build_modules_archive) that follows the initrd in
+    guest RAM; the initrd's size covers both.
     """
 
     def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory, *,
-                 decompress_bzimage: bool = False):
+                 decompress_bzimage: bool = False, initrd_modules: tuple[ModuleFile, ...] = ()):
         self._paths = (kernel, initrd)
         self._memory = memory
         self._decompress_bzimage = decompress_bzimage
+        self._initrd_modules = initrd_modules
         super().__init__("microvmm-images")
 
     def _work(self) -> tuple[LoadedElf | DecompressedBzImage | bytes, LoadedInitrd | bytes | None]:
         from microvmm.boot.elf import LoadedElf  # imported by load_kernel already
         kernel_path, initrd_path = self._paths
+        appendix = b""
+        if self._initrd_modules:
+            from microvmm.guestmodules import ModulesError, build_modules_archive
+            try:
+                appendix = build_modules_archive(list(self._initrd_modules))
+            except ModulesError as err:
+                raise VmmError(str(err)) from err
         kernel = load_kernel(kernel_path, self._memory)
         if isinstance(kernel, LoadedElf):
-            return kernel, load_initrd(initrd_path, self._memory, kernel) if initrd_path else None
+            return kernel, load_initrd(initrd_path, self._memory, kernel, appendix) if initrd_path else None
         # Not an ELF: the boot loader places it and its initrd.
         if self._decompress_bzimage:
             kernel = decompress_payload(kernel)
-        return kernel, read_file(initrd_path, "initrd") if initrd_path else None
+        if not initrd_path:
+            return kernel, None
+        from microvmm.boot.initrd import append_archive
+        return kernel, append_archive(read_file(initrd_path, "initrd"), appendix)
 
 
 def decompress_payload(image: bytes) -> DecompressedBzImage | bytes:
@@ -265,13 +282,14 @@ def decompress_payload(image: bytes) -> DecompressedBzImage | bytes:
         return image
 
 
-def load_initrd(path: Path, memory: GuestMemory, kernel: LoadedElf) -> LoadedInitrd:
-    """The initrd of an ELF kernel, read straight to its place in guest RAM."""
+def load_initrd(path: Path, memory: GuestMemory, kernel: LoadedElf, appendix: bytes = b"") -> LoadedInitrd:
+    """The initrd of an ELF kernel, read straight to its place in guest RAM
+    (followed by `appendix`, another archive, if any)."""
     from microvmm.boot.initrd import load_initrd_file
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return load_initrd_file(memory, fd, kernel.kernel_end, source=str(path))
+            return load_initrd_file(memory, fd, kernel.kernel_end, source=str(path), appendix=appendix)
         finally:
             os.close(fd)
     except OSError as err:

@@ -458,3 +458,13 @@ def test_close_releases_fds(loop, tmp_path):
     # Nothing these backends opened is left open (an fd of `before` that
     # something else closed meanwhile is not this test's business).
     assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+def test_a_pty_that_cannot_be_made_is_a_backend_error(monkeypatch):
+    """No /dev/ptmx (the real-KVM lane's L1 had none): one error naming the port, no traceback."""
+    def no_ptmx():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "openpty", no_ptmx)
+    with pytest.raises(BackendError, match="port p0: cannot create a pty: No such file or directory"):
+        create_backend(parse_port_spec("@pty:p0"))

@@ -437,3 +437,12 @@ def test_reset_racing_io_thread_notifies(env):
     assert errors == []
     assert not driver.status & STATUS_NEEDS_RESET
     assert len(device.activations) == 31
+
+
+def test_driver_seen_survives_a_reset(env):
+    """The VMM's "no driver in this kernel?" hint asks whether a driver ever set DRIVER_OK."""
+    driver, transport, _device, _intx, _msi = env
+    assert not transport.driver_seen
+    bring_up(driver)
+    driver.reset()
+    assert transport.driver_seen and not transport.activated

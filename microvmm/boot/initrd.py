@@ -42,9 +42,27 @@ def place_initrd(ram_end: int, initrd_size: int, initrd_addr_max: int, kernel_en
     return addr
 
 
+def appended_offset(initrd_size: int) -> int:
+    """Where an archive appended to an initrd of `initrd_size` bytes starts: the
+    next 4-byte boundary (Linux's initramfs unpacker skips the NUL padding
+    between concatenated archives, and looks for a cpio header only there)."""
+    return layout.align_up(initrd_size, 4)
+
+
+def append_archive(initrd: bytes, appendix: bytes) -> bytes:
+    """An initrd's bytes with another archive appended at appended_offset()."""
+    if not appendix:
+        return initrd
+    return b"".join((initrd, bytes(appended_offset(len(initrd)) - len(initrd)), appendix))
+
+
 def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTHETIC_INITRD_ADDR_MAX,
-                     source: str = "initrd") -> LoadedInitrd:
+                     source: str = "initrd", appendix: bytes = b"") -> LoadedInitrd:
     """Read an initrd with preadv() straight to where place_initrd() puts it.
+
+    `appendix`, if any, is a second archive placed after it at
+    appended_offset() (the NUL padding written too); the LoadedInitrd covers
+    both, so the kernel unpacks both.
 
     `kernel_end` is the end of the loaded kernel (LoadedElf.kernel_end);
     `initrd_addr_max` the kernel's limit (the default is an ELF vmlinux's,
@@ -53,12 +71,18 @@ def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTH
     Raises InitrdError (empty, does not fit, file shrank); OSError passes through.
     """
     size = os.fstat(fd).st_size
-    addr = place_initrd(mem.end, size, initrd_addr_max, kernel_end)
+    total = appended_offset(size) + len(appendix) if appendix else size
+    addr = place_initrd(mem.end, total, initrd_addr_max, kernel_end)
     done = pread_into(fd, mem.view(addr, size), 0)
     if done < size:
         raise InitrdError(f"{source}: the file ended at {done:#x} of {size:#x} bytes while loading "
                           f"(was it rewritten during the boot?)")
-    return LoadedInitrd(addr, size)
+    if appendix:
+        padding = appended_offset(size) - size
+        if padding:
+            mem.write(addr + size, bytes(padding))
+        mem.write(addr + size + padding, appendix)
+    return LoadedInitrd(addr, total)
 
 
 _NEWC_MAGIC = b"070701"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from microvmm.diag.symbols import SymbolMap
+from microvmm.diag.symbols import KaslrSymbols, SymbolMap
 
 _GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
               "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -114,7 +114,7 @@ def decode_instruction(code: bytes, address: int, bits: int) -> str | None:
     return None
 
 
-def format_snapshot(snapshot: CpuSnapshot, symbols: SymbolMap | None = None) -> str:
+def format_snapshot(snapshot: CpuSnapshot, symbols: SymbolMap | KaslrSymbols | None = None) -> str:
     where = symbols.describe(snapshot.rip) if symbols else f"{snapshot.rip:#x}"
     lines = [f"vCPU {snapshot.index}: RIP {where}  CPL {snapshot.cpl}  {snapshot.mode_bits}-bit"]
     insn = decode_instruction(snapshot.code, snapshot.rip, snapshot.mode_bits)

@@ -8,9 +8,14 @@ from pathlib import Path
 
 
 def find_system_map(kernel_path: str | os.PathLike) -> Path | None:
-    """System.map beside the kernel (build tree or images/), if any."""
+    """System.map beside the kernel (build tree or images/), or a distribution's
+    /boot/System.map-VERSION beside /boot/vmlinuz-VERSION, if any."""
     kernel = Path(kernel_path)
-    for candidate in (kernel.parent / "System.map", kernel.parent.parent.parent.parent / "System.map"):
+    candidates = [kernel.parent / "System.map", kernel.parent.parent.parent.parent / "System.map"]
+    for prefix in ("vmlinuz-", "vmlinux-", "bzImage-"):
+        if kernel.name.startswith(prefix):
+            candidates.insert(0, kernel.parent / f"System.map-{kernel.name[len(prefix):]}")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None

@@ -115,6 +115,9 @@ class VirtioPciLegacy(PciFunction):
         self._transport_lock = threading.RLock()
         self._irq_lock = threading.Lock()
         self.host_features = (device.device_features() | TRANSPORT_FEATURES) & 0xFFFFFFFF
+        #: A driver set DRIVER_OK at least once (a reset does not clear it): the
+        #: VMM's "no driver in this guest kernel?" hint.
+        self.driver_seen = False
         self._reset_state()
 
     def connect_interrupts(self, intx: IntxLine | None = None, msi: MsiController | None = None) -> None:
@@ -235,6 +238,7 @@ class VirtioPciLegacy(PciFunction):
         for queue in self.queues:
             queue.set_features(self.guest_features)
         self.activated = True
+        self.driver_seen = True
         try:
             self.device.activate(self.memory, self.queues, self.guest_features,
                                  self.signal_queue, self.signal_config, self.fail)

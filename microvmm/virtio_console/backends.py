@@ -604,7 +604,10 @@ class PtyBackend(PortBackend):
     def __init__(self, name: str, announce: TextIO | None = None,
                  monitor_interval: float = DEFAULT_MONITOR_INTERVAL):
         super().__init__(name, monitor_interval)
-        master, slave = os.openpty()
+        try:
+            master, slave = os.openpty()
+        except OSError as err:  # no /dev/ptmx (a container, a minimal root): one clear line
+            raise BackendError(f"port {name}: cannot create a pty: {err.strerror}") from err
         try:
             self.path = os.ttyname(slave)
             tty.setraw(slave, termios.TCSANOW)
