@@ -85,26 +85,11 @@ def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTH
     return LoadedInitrd(addr, total)
 
 
-_NEWC_MAGIC = b"070701"
-_NEWC_TRAILER = "TRAILER!!!"
-_REGULAR_FILE_0600 = 0o100600
-
-
-def _newc_member(name: str, mode: int, data: bytes, ino: int) -> bytes:
-    """One "newc" cpio member: the 110-byte hex header, the name (NUL-ended,
-    padded to 4 bytes) and the data (padded to 4 bytes); owner root, mtime 0."""
-    encoded = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
-    header = _NEWC_MAGIC + b"".join(b"%08X" % value for value in fields)
-    member = header + encoded
-    member += b"\0" * (-len(member) % 4)
-    return member + data + b"\0" * (-len(data) % 4)
-
-
 def command_archive(name: str, data: bytes) -> bytes:
     """A cpio archive holding the one file /NAME (0600): what Linux unpacks
     into the initramfs along with the initrd it is put in front of."""
-    return _newc_member(name, _REGULAR_FILE_0600, data, 1) + _newc_member(_NEWC_TRAILER, 0, b"", 0)
+    from microvmm.newc import CpioEntry, EntryKind, write_newc  # deferred: only `-- CMD` runs
+    return write_newc([CpioEntry(name, EntryKind.FILE, 0o600, data)])
 
 
 def prepend_archive(mem, initrd: "LoadedInitrd | bytes | memoryview", archive: bytes,
