@@ -1,11 +1,13 @@
 # Two commands set everything up on a fresh Debian machine:
 #   make run    boot the default guest, its shell on this terminal
-#   make test   run the test suite (builds the guest images first)
+#   make test   run the test suite (builds the guest images first): the host
+#               suite, then the real-KVM lane; fails if either fails
+#   make test-kvm  the real-KVM lane alone (scripts/test-kvm)
 PYTHON ?= python3
 IMAGES ?= images
 MICROVMM = $(PYTHON) -m microvmm
 
-.PHONY: setup images run test bench clean
+.PHONY: setup images run test test-host test-kvm bench clean
 
 setup:
 	@./scripts/setup-host
@@ -16,8 +18,20 @@ images: setup
 run: images
 	$(MICROVMM) run --kernel $(IMAGES)/vmlinux --initrd $(IMAGES)/initramfs.cpio
 
+# Both lanes run even when the first fails; make test fails if either does.
 test: images
+	@status=0; \
+	$(MAKE) --no-print-directory test-host || status=$$?; \
+	$(MAKE) --no-print-directory test-kvm || status=$$?; \
+	exit $$status
+
+test-host: images
 	$(PYTHON) -m pytest -q -ra tests
+
+# KVM unit tests and end-to-end modules on a real-semantics KVM (hardware KVM
+# here, else kvm_amd in an L1 under QEMU TCG: scripts/realkvm).
+test-kvm: images
+	PYTHON=$(PYTHON) ./scripts/test-kvm
 
 bench: images
 	$(PYTHON) bench/run_all.py

@@ -114,14 +114,17 @@ class GuestProcess:
         """Run a shell command on the guest console; (exit status, its output)."""
         self._command_seq += 1
         tag = f"MVM{self._command_seq}"
+        # The command's output lies between two markers the shell prints: a
+        # mark taken on our side could fall in the middle of a prompt still
+        # arriving from the previous command. Should the command line be
+        # echoed, it shows `"<tag>";` and "$?" literally: only the real output
+        # of the echos matches the patterns.
         start = self.stdout.mark()
-        # Should the command line be echoed, it shows "$?" literally: only the
-        # real output of the final echo matches the status pattern.
-        self.send(f"{command}; echo \"<{tag}:$?>\"\n")
-        match = self.expect(rf"<{tag}:(\d+)>", timeout, start)
-        text = self.stdout.slice(start, match.start()).replace("\r\n", "\n")
-        # Prompts printed after the previous command precede the output.
-        text = re.sub(r"^(?:\s*" + re.escape(PROMPT) + ")+", "", text)
+        deadline = time.monotonic() + timeout
+        self.send(f"echo \"<{tag}>\"; {command}; echo \"<{tag}:$?>\"\n")
+        begin = self.expect(rf"<{tag}>\r?\n", timeout, start)
+        match = self.expect(rf"<{tag}:(\d+)>", max(deadline - time.monotonic(), 0.0), begin.end())
+        text = self.stdout.slice(begin.end(), match.start()).replace("\r\n", "\n")
         return int(match.group(1)), text
 
     def wait(self, timeout: float) -> int:

@@ -12,7 +12,10 @@ import time
 
 import pytest
 
-from tests.e2e_support import IMAGES, boot
+from tests.e2e_support import GUEST_TEST_TIMEOUT, IMAGES, boot
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

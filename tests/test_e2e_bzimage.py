@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from microvmm.hostinfo import HostKind, detect_host_kind
-from tests.e2e_support import BOOT_TIMEOUT, IMAGES, REPO, require_images, require_kvm
+from tests.e2e_support import BOOT_TIMEOUT, GUEST_TEST_TIMEOUT, IMAGES, REPO, require_images, require_kvm
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 
 def test_bzimage_with_a_pty_console_runs_a_command():

@@ -22,9 +22,12 @@ from pathlib import Path
 import pytest
 
 from microvmm.testing import GuestProcess
-from tests.e2e_support import (announced_ptys, assert_guest_file, assert_no_more_data, assert_no_stray_processes,
-                               boot, connect_unix, open_pty_slave, read_exact, socket_path_in, start_command,
-                               virtio_ports, write_all, write_pattern)
+from tests.e2e_support import (GUEST_TEST_TIMEOUT, announced_ptys, assert_guest_file, assert_no_more_data,
+                               assert_no_stray_processes, boot, connect_unix, open_pty_slave, read_exact,
+                               socket_path_in, start_command, virtio_ports, write_all, write_pattern)
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 PORT_NAMES = ["con", "tty1", "raw", "log", "sock"]  # port 0 first, as given on the command line
 # After the user's ports: the kernel's log port (a console: hvc2, after con's

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from microvmm.testing import GuestProcess
-from tests.e2e_support import (BOOT_TIMEOUT, assert_guest_file, assert_no_stray_processes, launch,
-                               socket_path_in, start_command, virtio_ports, wait_for_path, write_pattern)
+from tests.e2e_support import (BOOT_TIMEOUT, GUEST_TEST_TIMEOUT, assert_guest_file, assert_no_stray_processes, launch,
+                               require_guests_at_once, socket_path_in, start_command, virtio_ports,
+                               wait_for_path, write_pattern)
 
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 COMMAND_TIMEOUT = 120
 
 
@@ -32,6 +34,7 @@ class LinkedVms:
 
 @pytest.fixture(scope="module")
 def vms(tmp_path_factory):
+    require_guests_at_once(2)
     socket_path = socket_path_in(tmp_path_factory.mktemp("link"), "link.sock")
     started = time.monotonic()
     server = launch("--console", f"socket:link={socket_path}:server")

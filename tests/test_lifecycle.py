@@ -25,7 +25,10 @@ from pathlib import Path
 import pytest
 
 from microvmm.exitcodes import signal_exit_code
-from tests.e2e_support import IMAGES, require_images, require_kvm, socket_path_in
+from tests.e2e_support import GUEST_TEST_TIMEOUT, IMAGES, require_images, require_kvm, socket_path_in
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 #: A signal must end the VMM this fast (teardown joins threads, restores the terminal).
 EXIT_WITHIN = 5.0

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import IMAGES, REPO, require_images, require_kvm
+from tests.e2e_support import GUEST_TEST_TIMEOUT, GUESTS_AT_ONCE, IMAGES, REPO, require_images, require_kvm
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 EXAMPLE = re.compile(r"^(microvmm .*?)\s+# exit: (\d+)(.*)$")
 SECTIONS = ("## For kernel developers", "## For CI")
@@ -123,8 +126,8 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
         with lock:
             results[example.command] = outcome
 
-    # Two guests at a time: each is one vCPU thread emulated by the host.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # Two guests at a time (where allowed): each is one vCPU thread emulated by the host.
+    with ThreadPoolExecutor(max_workers=min(GUESTS_AT_ONCE, 2)) as pool:
         list(pool.map(one, enumerate(examples)))
     return results
 
