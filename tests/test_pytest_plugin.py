@@ -15,8 +15,11 @@ import pytest
 
 import microvmm.pytest_plugin
 from microvmm.pytest_plugin import CommandResult, kvm_unusable_reason
+from tests.e2e_support import GUEST_TEST_TIMEOUT
 
 pytest_plugins = ["pytester"]
+# The plugin's fixtures boot guests: the limit of guest-booting modules.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = Path(os.environ.get("MICROVMM_IMAGES", REPO / "images"))

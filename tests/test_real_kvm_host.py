@@ -43,7 +43,7 @@ def test_default_guest_boots_without_any_workaround():
     out = subprocess.run(
         [sys.executable, "-m", "microvmm", "run", "--kernel", str(IMAGES / "vmlinux"),
          "--initrd", str(IMAGES / "initramfs.cpio"), "--timeout", str(BOOT_TIMEOUT),
-         "--", "cat /proc/cmdline"],
+         "--", "cat", "/proc/cmdline"],
         capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60)
     assert out.returncode == 0, out.stderr[-3000:]
     # what an emulating host would add to the guest's command line and say
