@@ -15,7 +15,10 @@ import time
 import pytest
 
 from microvmm.hostinfo import EMULATING_HOST_HIDDEN_FEATURES, HostKind, detect_host_kind
-from tests.e2e_support import boot
+from tests.e2e_support import GUEST_TEST_TIMEOUT, boot
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 # The bound of issue 14: the VMM ends within a second of the guest's halt; the
 # command itself (a fork and exec of busybox) takes about a second on an

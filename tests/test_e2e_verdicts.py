@@ -14,7 +14,10 @@ import time
 
 import pytest
 
-from tests.e2e_support import BOOT_TIMEOUT, IMAGES, REPO, boot, require_images, require_kvm
+from tests.e2e_support import BOOT_TIMEOUT, GUEST_TEST_TIMEOUT, IMAGES, REPO, boot, require_images, require_kvm
+
+# A guest boot and its commands; nothing may hang the run.
+pytestmark = pytest.mark.timeout(GUEST_TEST_TIMEOUT)
 
 # What a kernel report looks like, printed by user space.
 REPORT_TEXT = ("BUG: only text", "Kernel panic - not syncing: only text", "WARNING: only text",

@@ -40,6 +40,10 @@ from microvmm.vcpu_runner import KICK_SIGNAL
 # A KVM_RUN that never returns fails here, not after the lane's default limit.
 pytestmark = pytest.mark.timeout(120)
 
+# Each test runs a handful of guest instructions: seconds even under QEMU TCG.
+# A KVM_RUN that never returns fails here, not after the lane's default limit.
+pytestmark = pytest.mark.timeout(120)
+
 RAM_SIZE = 0x4000
 CODE = 0x1000
 OUTSIDE_RAM = 0x8000  # reachable in real mode, not backed by a slot -> MMIO exit
