@@ -16,15 +16,13 @@ import pytest
 
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
 from microvmm.hostinfo import HostKind, host_quirks
-from microvmm.kvm import Regs
 from microvmm.memory import GuestMemory
 from microvmm.run_monitor import RunMonitor
 from microvmm.vcpu_runner import VcpuRunner
+from tests.tiny_guest import RAM_SIZE, real_mode_guest
 
 pytestmark = pytest.mark.usefixtures("kick_handler")
 
-RAM_SIZE = 0x4000
-CODE = 0x1000
 ANSWER_TIMEOUT = 5.0
 
 CLI_HLT = bytes([0xFA, 0xF4, 0xEB, 0xFD])          # cli; hlt; jmp back to hlt
@@ -40,15 +38,7 @@ def run_guest(kvm):
         vm = kvm.create_vm()
         vm.set_tss_addr(0xFFFB_D000)
         vm.create_irqchip()  # as the VMM has it: HLT stays in the kernel
-        mem = GuestMemory([(0, RAM_SIZE)])
-        vm.set_user_memory_region(0, 0, RAM_SIZE, mem.regions[0].host_addr)
-        mem.write(CODE, code)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-            seg.base, seg.selector = 0, 0
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(Regs(rip=CODE, rsp=0x3000, rflags=0x2))
+        mem, vcpu = real_mode_guest(vm, code)
         stops: queue.SimpleQueue = queue.SimpleQueue()
         runner = VcpuRunner(0, vcpu, mem, Bus("pio", PIO_ADDRESS_LIMIT), Bus("mmio"),
                             host_quirks(HostKind.HARDWARE, "test"), on_stop=stops.put)

@@ -19,15 +19,12 @@ import pytest
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
 from microvmm.exitcodes import ExitCode
 from microvmm.hostinfo import HostKind, host_quirks
-from microvmm.kvm import Regs
-from microvmm.memory import GuestMemory
 from microvmm.vcpu_runner import DeviceGate, StopReason, VcpuRunner, VcpuStop
 from tests.e2e_support import IMAGES
+from tests.tiny_guest import real_mode_guest
 
 pytestmark = pytest.mark.usefixtures("kick_handler")  # conftest.py: vCPUs get kicked
 
-RAM_SIZE = 0x4000
-CODE = 0x1000
 DATA = 0x1100
 NO_QUIRKS = host_quirks(HostKind.HARDWARE, "test: no workarounds")
 #: out 0x70, 0x5A; in al, 0x71; mov [DATA], al; hlt (real mode)
@@ -52,15 +49,7 @@ class RecordingPorts:
 def gated_guest(kvm):
     """A started vCPU running PORT_GUEST behind a closed gate: (runner, gate, memory, stops)."""
     vm = kvm.create_vm()
-    mem = GuestMemory([(0, RAM_SIZE)])
-    vm.set_user_memory_region(0, 0, RAM_SIZE, mem.regions[0].host_addr)
-    mem.write(CODE, PORT_GUEST)
-    vcpu = vm.create_vcpu(0)
-    sregs = vcpu.get_sregs()
-    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-        seg.base, seg.selector = 0, 0
-    vcpu.set_sregs(sregs)
-    vcpu.set_regs(Regs(rip=CODE, rsp=0x3000, rflags=0x2))
+    mem, vcpu = real_mode_guest(vm, PORT_GUEST)
     gate = DeviceGate()
     stops: queue.SimpleQueue[VcpuStop] = queue.SimpleQueue()
     runner = VcpuRunner(0, vcpu, mem, None, None, NO_QUIRKS, on_stop=stops.put, gate=gate)
