@@ -391,11 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return status
         if args.command_name == "check-host":
-            from microvmm.hostinfo import check_kvm_device, detect_host_kind
+            from microvmm.hostinfo import check_kvm_device, detect_host_kind, host_quirks
             kind, reason = detect_host_kind()
             device = check_kvm_device()
             print(f"{kind.value}: {reason}")
             print(device.summary)
+            applied = host_quirks(kind, reason).describe()
+            print("host workarounds run applies: " + ("none" if not applied else
+                  "(--no-host-workarounds turns them off)\n  " + "\n  ".join(applied)))
             return 0 if device.usable else 1
         try:
             config = _config_from_args(args)

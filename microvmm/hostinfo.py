@@ -87,6 +87,8 @@ class HostQuirks:
     decompress_bzimage_on_host: bool = False
     #: KVM paravirt features withheld from the guest (CPUID 0x4000_0001).
     hidden_kvm_pv_features: KvmPvFeature = KvmPvFeature(0)
+    #: The rows of HOST_QUIRK_TABLE that were applied, in table order.
+    applied: tuple["HostQuirk", ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -94,6 +96,49 @@ class HostQuirks:
         return self.kind is HostKind.EMULATING and (
             bool(self.cmdline_additions) or self.inject_bp_on_int3 or self.skip_fwait
             or self.decompress_bzimage_on_host or bool(self.hidden_kvm_pv_features))
+
+    def describe(self) -> list[str]:
+        """One line per applied workaround: its name and what it does."""
+        return [f"{quirk.name}: {quirk.message}" for quirk in self.applied]
+
+
+@dataclass(frozen=True)
+class HostQuirk:
+    """One host workaround as data: which hosts need it, what it sets, what it says.
+
+    `action` names HostQuirks fields and the values this row gives them
+    (tuples are appended to, everything else is set), so a new workaround is
+    a new row here plus the code that reads its field.
+    """
+
+    name: str
+    #: Detection: the host kinds (from detect_host_kind) that get this row.
+    hosts: frozenset[HostKind]
+    action: tuple[tuple[str, object], ...]
+    #: What is announced when it is applied (and listed by check-host).
+    message: str
+
+
+_EMULATING = frozenset({HostKind.EMULATING})
+
+#: Every host workaround microvmm knows. Order is the order they are announced.
+HOST_QUIRK_TABLE: tuple[HostQuirk, ...] = (
+    HostQuirk("cmdline", _EMULATING, (("cmdline_additions", (
+        "noxsave", "nogbpages", "mitigations=off", "tsc=reliable", "lpj=2000000",
+        f"clearcpuid={EMULATING_HOST_CLEARCPUID}")),),
+        "extra kernel command line options (noxsave, nogbpages, mitigations=off, "
+        "tsc=reliable, lpj=, clearcpuid= for the instructions the host cannot emulate)"),
+    HostQuirk("int3-as-bp", _EMULATING, (("inject_bp_on_int3", True),),
+              "#BP injected for an int3 the host fails to emulate"),
+    HostQuirk("skip-fwait", _EMULATING, (("skip_fwait", True),),
+              "an fwait the host fails to emulate is stepped over"),
+    HostQuirk("host-decompress", _EMULATING, (("decompress_bzimage_on_host", True),),
+              "a bzImage's payload is decompressed on the host and booted as its ELF"),
+    HostQuirk("hide-pv-hypercalls", _EMULATING,
+              (("hidden_kvm_pv_features", EMULATING_HOST_HIDDEN_KVM_FEATURES),),
+              "KVM PV features using hypercalls hidden: "
+              f"{EMULATING_HOST_HIDDEN_KVM_FEATURES.name} (the host never completes a vmcall)"),
+)
 
 
 def detect_host_kind(sys_module: Path = Path("/sys/module"),
@@ -138,20 +183,25 @@ def check_kvm_device(path: str = "/dev/kvm") -> KvmDeviceStatus:
         kvm.close()
 
 
-def host_quirks(kind: HostKind, reason: str, enabled: bool = True) -> HostQuirks:
-    if kind is HostKind.HARDWARE or not enabled:
+def host_quirks(kind: HostKind, reason: str, enabled: bool = True,
+                table: tuple[HostQuirk, ...] = HOST_QUIRK_TABLE) -> HostQuirks:
+    """The workarounds this host gets: every table row whose detection matches."""
+    if not enabled:
         return HostQuirks(kind, reason)
-    return HostQuirks(
-        kind, reason,
-        cmdline_additions=(
-            "noxsave", "nogbpages", "mitigations=off", "tsc=reliable", "lpj=2000000",
-            f"clearcpuid={EMULATING_HOST_CLEARCPUID}",
-        ),
-        inject_bp_on_int3=True,
-        skip_fwait=True,
-        decompress_bzimage_on_host=True,
-        hidden_kvm_pv_features=EMULATING_HOST_HIDDEN_KVM_FEATURES,
-    )
+    settings: dict[str, object] = {}
+    applied = []
+    for quirk in table:
+        if kind not in quirk.hosts:
+            continue
+        applied.append(quirk)
+        for name, value in quirk.action:
+            if name not in _QUIRK_FIELDS:
+                raise ValueError(f"host quirk {quirk.name!r} sets unknown field {name!r}")
+            settings[name] = settings.get(name, ()) + value if isinstance(value, tuple) else value
+    return HostQuirks(kind, reason, applied=tuple(applied), **settings)
+
+
+_QUIRK_FIELDS = frozenset(HostQuirks.__dataclass_fields__) - {"kind", "reason", "applied", "notes"}
 
 
 def emulated_smp_note(vcpus: int, host_cpus: int | None) -> str | None:

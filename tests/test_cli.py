@@ -392,6 +392,12 @@ def test_check_host_on_this_machine():
     assert "/dev/kvm: " in result.stdout
     if usable:
         assert "usable (KVM API version 12)" in result.stdout
+    from microvmm.hostinfo import HostKind, detect_host_kind
+    listed = result.stdout.split("host workarounds run applies: ", 1)[1]
+    if detect_host_kind()[0] is HostKind.EMULATING:
+        assert "\n  int3-as-bp: " in listed and "\n  cmdline: " in listed, result.stdout
+    else:
+        assert listed.strip() == "none", result.stdout
 
 
 def test_mem_reaches_the_config_in_bytes(capsys, captured_config, kernel):

@@ -207,3 +207,34 @@ def test_smp_on_an_emulating_host_is_announced_with_its_cost():
     assert note.startswith("4 vCPUs on 2 host CPUs: each vCPU is emulated")
     assert "timer ticks" in note
     assert emulated_smp_note(2, None).startswith("2 vCPUs on the host's CPUs")
+
+
+def test_every_workaround_comes_from_one_row_of_the_quirk_table():
+    """The table is the one place a workaround is declared: what an emulating
+    host gets is exactly the rows that detect it, and each row's action is
+    what ends up set."""
+    from microvmm.hostinfo import HOST_QUIRK_TABLE
+    quirks = host_quirks(HostKind.EMULATING, "kvm_pvm")
+    assert quirks.applied == tuple(q for q in HOST_QUIRK_TABLE if HostKind.EMULATING in q.hosts)
+    assert len({q.name for q in HOST_QUIRK_TABLE}) == len(HOST_QUIRK_TABLE)
+    for quirk in quirks.applied:
+        for name, value in quirk.action:
+            got = getattr(quirks, name)
+            assert (set(value) <= set(got)) if isinstance(value, tuple) else got == value, quirk.name
+    assert [line.split(":")[0] for line in quirks.describe()] == [q.name for q in quirks.applied]
+    assert host_quirks(HostKind.HARDWARE, "vmx").describe() == []
+
+
+def test_a_new_table_row_is_applied_and_a_bad_one_refused():
+    from microvmm.hostinfo import HOST_QUIRK_TABLE, HostQuirk
+    extra = HostQuirk("test-option", frozenset({HostKind.EMULATING}),
+                      (("cmdline_additions", ("test_option=1",)),), "a test option")
+    quirks = host_quirks(HostKind.EMULATING, "x", table=HOST_QUIRK_TABLE + (extra,))
+    assert quirks.cmdline_additions[-1] == "test_option=1"
+    assert "noxsave" in quirks.cmdline_additions           # earlier rows' additions kept
+    assert quirks.describe()[-1] == "test-option: a test option"
+    hardware_only = HostQuirk("hw", frozenset({HostKind.HARDWARE}), (("skip_fwait", True),), "hw")
+    assert host_quirks(HostKind.HARDWARE, "vmx", table=(hardware_only,)).skip_fwait
+    typo = HostQuirk("typo", frozenset({HostKind.EMULATING}), (("skip_fwiat", True),), "typo")
+    with pytest.raises(ValueError, match="skip_fwiat"):
+        host_quirks(HostKind.EMULATING, "x", table=(typo,))
