@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "virtio_console and their dependencies, from modules.dep) are added to "
                           "the default initramfs and loaded before its init, "
                           "e.g. --modules /tmp/mods/lib/modules/6.1.0-57-amd64")
+    run.add_argument("--add", metavar="HOST[:GUEST]", action="append", default=[],
+                     help="put a host file or directory into the guest's root at boot (modes and "
+                          "symlinks kept; GUEST defaults to /NAME, a trailing '/' means into that "
+                          "directory); repeat for more, e.g. --add ./hello:/bin/hello --add selftests/")
+    run.add_argument("--ktap", action="store_true",
+                     help="read the '-- CMD' output as KTAP/TAP (kselftest, KUnit): one result per "
+                          "test in --junit/--json, and a failed test fails the run, "
+                          "e.g. --ktap --junit results.xml -- ./run_kselftest.sh")
     run.add_argument("--kaslr", action="store_true",
                      help="keep the kernel's address randomization (default: 'nokaslr' is added so "
                           "that System.map addresses in diagnostics and --profile are right)")
@@ -262,6 +270,9 @@ def _config_from_args(args: argparse.Namespace):
     if any(p.name == "microvmm.kmsg" for p in ports):
         raise UsageError("port name 'microvmm.kmsg' is reserved for the kernel's log")
     initrd_modules = _modules_from_args(args, kernel, initrd, ports) if args.modules else ()
+    added_files = _added_files_from_args(args) if args.add else ()
+    if args.ktap and args.command is None:
+        raise UsageError("--ktap reads the output of a guest command: add '-- CMD [ARGS...]'")
     mem_size = parse_size(args.mem)
     try:
         guest_ram_layout(mem_size)
@@ -283,6 +294,7 @@ def _config_from_args(args: argparse.Namespace):
         json=Path(args.json) if args.json else None,
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
         stats=args.stats, seccomp=args.seccomp, initrd_modules=initrd_modules, kaslr=args.kaslr,
+        added_files=added_files, ktap=args.ktap,
     )
 
 
@@ -321,6 +333,18 @@ def _modules_from_args(args: argparse.Namespace, kernel: Path, initrd: Path | No
         ", ".join(m.name for m in modules) or "nothing", tree.path,
         f" ({', '.join(built_in)} built in)" if built_in else "")
     return tuple(modules)
+
+
+def _added_files_from_args(args: argparse.Namespace) -> tuple:
+    """--add HOST[:GUEST]...: every host path walked and checked now (exists,
+    readable, a file, directory or symlink; GUEST absolute, no '..')."""
+    from microvmm.guestfiles import AddError, plan_added_files
+    try:
+        entries = plan_added_files(args.add)
+    except AddError as err:
+        raise UsageError(str(err)) from None
+    logging.getLogger(__name__).info("--add: %d entries added to the guest's root", len(entries))
+    return entries
 
 
 def _ports_from_args(args: argparse.Namespace) -> list:

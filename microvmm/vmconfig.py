@@ -10,6 +10,7 @@ from microvmm.hostinfo import merge_cmdline
 from microvmm.run_monitor import FailureLevel
 
 if TYPE_CHECKING:
+    from microvmm.guestfiles import AddedEntry
     from microvmm.guestmodules import ModuleFile
     from microvmm.virtio_console.spec import PortSpec
 
@@ -108,3 +109,8 @@ class VmConfig:
     #: is added so System.map addresses (diagnostics, --profile) are the
     #: running kernel's.
     kaslr: bool = False
+    #: `--add HOST[:GUEST]`: host files and directories for the guest's root,
+    #: packed into an archive that follows the initramfs (and the modules').
+    added_files: tuple["AddedEntry", ...] = ()
+    #: `--ktap`: the command's stdout is KTAP/TAP; each test becomes a result.
+    ktap: bool = False

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from microvmm.boot.bzimage import DecompressedBzImage
     from microvmm.boot.elf import LoadedElf
     from microvmm.boot.initrd import LoadedInitrd
+    from microvmm.guestfiles import AddedEntry
     from microvmm.guestmodules import ModuleFile
     from microvmm.kvm import CpuidEntry, Kvm, Vm
     from microvmm.vmconfig import VmConfig
@@ -66,7 +67,8 @@ class VmPreparation:
             # The kernel's reads first: they need nothing more imported.
             self._images = ImageReader(config.kernel, config.initrd, self.memory,
                                        decompress_bzimage=self.quirks.decompress_bzimage_on_host,
-                                       initrd_modules=config.initrd_modules)
+                                       initrd_modules=config.initrd_modules,
+                                       added_files=config.added_files)
             # The KVM bindings are imported here, before the VM thread starts:
             # imported on that thread they would compete with the caller's
             # imports for the GIL and hold back the VM's ioctls.
@@ -233,15 +235,20 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
 
     `initrd_modules` (`run --modules`): kernel modules packed into a second
     archive (guestmodules.build_modules_archive) that follows the initrd in
-    guest RAM; the initrd's size covers both.
+    guest RAM; the initrd's size covers both. `added_files` (`run --add`):
+    host files packed into an archive after that (guestfiles.build_added_archive);
+    without an initrd that archive is the initrd (the kernel unpacks it over
+    its built-in initramfs).
     """
 
     def __init__(self, kernel: Path, initrd: Path | None, memory: GuestMemory, *,
-                 decompress_bzimage: bool = False, initrd_modules: tuple[ModuleFile, ...] = ()):
+                 decompress_bzimage: bool = False, initrd_modules: tuple[ModuleFile, ...] = (),
+                 added_files: tuple[AddedEntry, ...] = ()):
         self._paths = (kernel, initrd)
         self._memory = memory
         self._decompress_bzimage = decompress_bzimage
         self._initrd_modules = initrd_modules
+        self._added_files = added_files
         super().__init__("microvmm-images")
 
     def _work(self) -> tuple[LoadedElf | DecompressedBzImage | bytes, LoadedInitrd | bytes | None]:
@@ -254,14 +261,25 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
                 appendix = build_modules_archive(list(self._initrd_modules))
             except ModulesError as err:
                 raise VmmError(str(err)) from err
+        if self._added_files:
+            from microvmm.guestfiles import AddError, build_added_archive
+            try:
+                appendix += build_added_archive(self._added_files)  # newc lengths are 4-byte multiples
+            except AddError as err:
+                raise VmmError(str(err)) from err
         kernel = load_kernel(kernel_path, self._memory)
         if isinstance(kernel, LoadedElf):
-            return kernel, load_initrd(initrd_path, self._memory, kernel, appendix) if initrd_path else None
+            if initrd_path:
+                return kernel, load_initrd(initrd_path, self._memory, kernel, appendix)
+            if appendix:
+                from microvmm.boot.initrd import load_initrd_bytes
+                return kernel, load_initrd_bytes(self._memory, appendix, kernel.kernel_end)
+            return kernel, None
         # Not an ELF: the boot loader places it and its initrd.
         if self._decompress_bzimage:
             kernel = decompress_payload(kernel)
         if not initrd_path:
-            return kernel, None
+            return kernel, appendix or None
         from microvmm.boot.initrd import append_archive
         return kernel, append_archive(read_file(initrd_path, "initrd"), appendix)
 

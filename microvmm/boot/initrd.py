@@ -85,6 +85,15 @@ def load_initrd_file(mem, fd: int, kernel_end: int, initrd_addr_max: int = SYNTH
     return LoadedInitrd(addr, total)
 
 
+def load_initrd_bytes(mem, data: bytes, kernel_end: int,
+                      initrd_addr_max: int = SYNTHETIC_INITRD_ADDR_MAX) -> LoadedInitrd:
+    """An initrd made in host memory (e.g. `run --add` without `--initrd`),
+    written to where place_initrd() puts it."""
+    addr = place_initrd(mem.end, len(data), initrd_addr_max, kernel_end)
+    mem.write(addr, data)
+    return LoadedInitrd(addr, len(data))
+
+
 def command_archive(name: str, data: bytes) -> bytes:
     """A cpio archive holding the one file /NAME (0600): what Linux unpacks
     into the initramfs along with the initrd it is put in front of."""
