@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,9 @@ class RunResult:
     infrastructure_error: bool = False
     microvmm_version: str = "unknown"
     schema_version: int = JSON_SCHEMA_VERSION
+    #: `--ktap`: one entry per test the command's KTAP/TAP output reported
+    #: (run.ktap.KtapCase.as_json: name, path, number, status, message, time_s, output).
+    tests: list[dict] | None = None
 
     @property
     def passed(self) -> bool:
@@ -55,7 +59,9 @@ def write_json(result: RunResult, path: str) -> None:
 
 
 def junit_xml(result: RunResult) -> bytes:
-    """One <testsuite> with a 'boot' case (and a 'command' case when one ran).
+    """One <testsuite> with a 'boot' case (and a 'command' case when one ran),
+    then with --ktap one case per KTAP test (classname ...ktap; SKIP and TODO
+    are <skipped>, failures carry the test's output).
 
     Each case has its own time: boot until init was reached, the command from
     then to its status. A guest's failure is a <failure> on the case it
@@ -91,6 +97,19 @@ def junit_xml(result: RunResult) -> bytes:
             ET.SubElement(props, "property", name=key, value=value)
         if name == "command" and result.command_status is not None:
             ET.SubElement(props, "property", name="command_status", value=str(result.command_status))
+    for test in result.tests or ():
+        case = ET.SubElement(suite, "testcase", classname=f"microvmm.{_kernel_name(result.kernel)}.ktap",
+                             name=_xml_text(test["name"]), time=f"{test['time_s'] or 0.0:.3f}")
+        output = _xml_text("\n".join(test.get("output") or ()))
+        if test["status"] == "fail":
+            failed += 1
+            ET.SubElement(case, "failure", message=_xml_text(test["message"]), type="ktap").text = output
+        elif test["status"] in ("skip", "todo"):
+            skipped += 1
+            ET.SubElement(case, "skipped", message=_xml_text(test["message"]))
+        if output and test["status"] != "fail":
+            ET.SubElement(case, "system-out").text = output
+    suite.set("tests", str(len(cases) + len(result.tests or ())))
     suite.set("failures", str(failed))
     suite.set("errors", str(errors))
     suite.set("skipped", str(skipped))
@@ -102,6 +121,14 @@ def junit_xml(result: RunResult) -> bytes:
 def write_junit(result: RunResult, path: str) -> None:
     with open(path, "wb") as handle:
         handle.write(junit_xml(result))
+
+
+#: Characters XML 1.0 cannot carry (a guest's output may hold any byte).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def _kernel_name(kernel: str) -> str:

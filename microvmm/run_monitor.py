@@ -122,7 +122,8 @@ class RunMonitor:
                  on_boot: Callable[[], None] | None = None,
                  on_kernel_stop: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 kernel_log: KernelLogSources = KernelLogSources(shared=frozenset({SERIAL_PORT}))):
+                 kernel_log: KernelLogSources = KernelLogSources(shared=frozenset({SERIAL_PORT})),
+                 taps: dict[str, Callable[[bytes, float], None]] | None = None):
         self._clock = clock
         self.started = clock()
         self.last_output = self.started
@@ -145,6 +146,9 @@ class RunMonitor:
         self.expect_line: str | None = None
         #: The latest complete console line (the profiler's notion of a boot phase).
         self.last_line = ""
+        #: Port name -> called with each chunk of that port's bytes, as fed, and
+        #: the seconds since the start (e.g. --ktap reading the command's stdout).
+        self._taps = dict(taps or {})
 
     def elapsed(self) -> float:
         return self._clock() - self.started
@@ -156,6 +160,9 @@ class RunMonitor:
         with self._lock:
             now = self._clock()
             self.last_output = now
+            tap = self._taps.get(port)
+            if tap is not None:
+                tap(data, now - self.started)
             text = self._partial.get(port, b"") + bytes(data)
             *complete, rest = text.split(b"\n")
             if len(rest) > _MAX_LINE:  # a line without end must not grow forever

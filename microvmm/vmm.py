@@ -132,11 +132,17 @@ class Vmm:
                 self._log_file = open(config.log, "a", encoding="utf-8")
             except OSError as err:
                 raise VmmError(f"--log {config.log}: {err.strerror}") from err
+        #: `--ktap`: the command's stdout read as KTAP/TAP as it comes (run.ktap).
+        self.ktap = None
+        if config.ktap:
+            from microvmm.run.ktap import KtapCollector
+            self.ktap = KtapCollector()
         self.monitor = RunMonitor(
             log=self._log_file, fail_on=config.fail_on,
             expect=re.compile(config.expect.encode()) if config.expect else None,
             expect_port=config.expect_port, on_failure=self._guest_failed,
-            on_expect=self._expected_output, on_kernel_stop=self._kernel_stopping)
+            on_expect=self._expected_output, on_kernel_stop=self._kernel_stopping,
+            taps={COMMAND_STDOUT_PORT: self.ktap.feed} if self.ktap else None)
         self._halt_check: threading.Thread | None = None
         #: Seconds since the monitor started when the first stop was asked for.
         self.stopped_at: float | None = None
@@ -1246,6 +1252,10 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
             vmm.remove_created_files()
+    ktap = None
+    if vmm is not None and vmm.ktap is not None and not outcome.setup_error:
+        from microvmm.run.ktap import judge_outcome
+        ktap, outcome = judge_outcome(vmm.ktap, outcome, vmm.monitor.last_lines(40))
     sink = getattr(vmm, "_serial_sink", None)
     if sink is not None and not sink.at_line_start and not sink.owned:
         print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
@@ -1255,12 +1265,12 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         print(vmm.exit_statistics(), file=sys.stderr)
     print(f"microvmm: {outcome.summary}", file=sys.stderr)
     if config.json or config.junit:
-        _write_results(config, vmm, outcome, time.monotonic() - started, version)
+        _write_results(config, vmm, outcome, time.monotonic() - started, version, ktap)
     return outcome.exit_code
 
 
 def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, duration: float,
-                   version: str | None = None) -> None:
+                   version: str | None = None, ktap=None) -> None:
     from dataclasses import asdict
 
     from microvmm.results import RunResult, is_infrastructure_error, write_json, write_junit
@@ -1283,7 +1293,8 @@ def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, dura
         expect_s=ms(monitor.expect_time) if monitor else None,
         command_s=ms(command_s),
         command=config.command,
-        command_status=int(outcome.exit_code) if config.command is not None and outcome.exit_code < 123 else None,
+        command_status=int(outcome.exit_code if ktap is None else ktap.command_exit)
+        if config.command is not None and outcome.exit_code < 123 else None,
         # Absolute: CI collects it from elsewhere. None when a failed setup took it away again.
         log=os.path.abspath(config.log) if config.log and os.path.exists(config.log) else None,
         failures=[{**asdict(f), "level": f.level.name.lower(), "at": ms(f.at)} for f in monitor.failures]
@@ -1291,6 +1302,7 @@ def _write_results(config: VmConfig, vmm: "Vmm | None", outcome: VmOutcome, dura
         last_lines=monitor.last_lines(40) if monitor else [],
         infrastructure_error=outcome.setup_error or is_infrastructure_error(int(outcome.exit_code)),
         microvmm_version=version or "unknown",
+        tests=[case.as_json() for case in ktap.cases] if ktap is not None else None,
     )
     try:
         if config.json:

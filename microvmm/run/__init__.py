@@ -1,0 +1,1 @@
+"""The run's policy: how its output is judged and reported."""
