@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory); repeat for more, e.g. --add ./hello:/bin/hello --add selftests/")
     run.add_argument("--ktap", action="store_true",
                      help="read the '-- CMD' output as KTAP/TAP (kselftest, KUnit): one result per "
-                          "test in --junit/--json, and a failed test fails the run, "
+                          "test in --junit/--json; a failed test turns the command's status 0 into 1, "
                           "e.g. --ktap --junit results.xml -- ./run_kselftest.sh")
     run.add_argument("--kaslr", action="store_true",
                      help="keep the kernel's address randomization (default: 'nokaslr' is added so "
