@@ -5,6 +5,7 @@ microvmm`), one boot each, two at a time where allowed.
 - `--add`: a static binary compiled here with `cc -static` runs in the guest
   via `-- CMD` and its exit status is the run's; a directory tree arrives
   with its modes and its symlink.
+- `--add` with `--initrd none`: a static /init of our own is the whole user space.
 - `--ktap`: a kselftest-style script added with `--add` gives a JUnit file
   with one case per test, read back with junitparser, and the JSON lists them.
 """
@@ -34,12 +35,12 @@ ADD_HEADING = "### Your files in the guest: `--add`"
 KTAP_HEADING = "### kselftest and KUnit results: `--ktap`"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```sh block of the README section under `heading`."""
+def readme_block(heading: str, index: int = 0) -> str:
+    """The `index`th ```sh block of the README section under `heading`."""
     section = (REPO / "README.md").read_text().split(heading, 1)[1].split("\n### ", 1)[0]
-    match = re.search(r"^```sh\n(.*?)^```$", section, re.M | re.S)
-    assert match, f"no sh block under {heading}"
-    return match.group(1)
+    blocks = re.findall(r"^```sh\n(.*?)^```$", section, re.M | re.S)
+    assert len(blocks) > index, f"no sh block {index} under {heading}"
+    return blocks[index]
 
 
 @dataclass
@@ -74,7 +75,8 @@ def runs(tmp_path_factory) -> dict[str, Ran]:
     if shutil.which("cc") is None:
         pytest.fail("no C compiler: scripts/setup-host installs gcc and libc6-dev (cc -static needs libc.a)")
     base = tmp_path_factory.mktemp("addktap")
-    blocks = {"add": readme_block(ADD_HEADING), "ktap": readme_block(KTAP_HEADING)}
+    blocks = {"add": readme_block(ADD_HEADING), "ktap": readme_block(KTAP_HEADING),
+              "init": readme_block(ADD_HEADING, 1)}
     with ThreadPoolExecutor(max_workers=min(GUESTS_AT_ONCE, 2)) as pool:
         futures = {name: pool.submit(run_block, block, base / name) for name, block in blocks.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -91,6 +93,14 @@ def test_an_added_tree_keeps_its_modes_and_symlinks(runs):
     ran = runs["add"]
     assert "check: one\n" in ran.stdout  # executable script, run through the symlink
     assert re.search(r"^lrwxrwxrwx .* /opt/suite/check -> bin/check$", ran.stdout, re.M), ran.stdout
+
+
+def test_an_added_static_init_boots_without_an_initramfs(runs):
+    """--initrd none: the archive is the initrd, unpacked over the kernel's built-in one."""
+    ran = runs["init"]
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "my own init, pid 1\n" in ran.stderr  # on the kernel's console: its log, on stderr
+    assert "the guest requested a reset" in ran.stderr
 
 
 def test_ktap_results_one_junit_case_per_test(runs):

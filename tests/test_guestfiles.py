@@ -196,3 +196,37 @@ def test_cli_unreadable_file_is_refused_before_anything_starts():
         result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=scratch, timeout=60)
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert result.stderr == f"microvmm: error: --add {secret}: {secret}: cannot read: Permission denied\n"
+
+
+# -- in guest RAM -------------------------------------------------------------------
+
+def _read_images(initrd: Path | None, **extra):
+    from microvmm.boot.layout import guest_ram_layout
+    from microvmm.memory import GuestMemory
+    from microvmm.vmprep import ImageReader
+    from tests.e2e_support import IMAGES, require_images
+    require_images()  # an ELF vmlinux to load (no KVM needed)
+    memory = GuestMemory(guest_ram_layout(64 << 20))
+    try:
+        _kernel, loaded = ImageReader(IMAGES / "vmlinux", initrd, memory, **extra).take()
+        return memory.read(loaded.addr, loaded.size)
+    finally:
+        memory.close()
+
+
+def test_the_archive_follows_the_initrd_and_the_modules_in_guest_ram(tree, tmp_path):
+    from microvmm.guestmodules import build_modules_archive, find_module_tree, resolve_modules
+    from test_guestmodules import make_tree
+    modules, _ = resolve_modules(find_module_tree(make_tree(tmp_path / "mods")))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"0707010123456")  # 13 bytes: the next archive starts 4-aligned
+    entries = plan_added_files([str(tree)])
+    blob = _read_images(initrd, initrd_modules=tuple(modules), added_files=entries)
+    assert blob == (b"0707010123456" + bytes(3) + build_modules_archive(list(modules))
+                    + build_added_archive(entries))
+
+
+def test_without_an_initrd_the_archive_is_the_initrd(tree):
+    """--initrd none --add ...: Linux unpacks it over its built-in initramfs."""
+    entries = plan_added_files([f"{tree}:/"])
+    assert _read_images(None, added_files=entries) == build_added_archive(entries)
