@@ -7,7 +7,8 @@ microvmm`), one boot each, two at a time where allowed.
   with its modes and its symlink.
 - `--add` with `--initrd none`: a static /init of our own is the whole user space.
 - `--ktap`: a kselftest-style script added with `--add` gives a JUnit file
-  with one case per test, read back with junitparser, and the JSON lists them.
+  with one case per test, read back with junitparser, and the JSON lists them;
+  a kernel panic in the middle of a test fails it with the console's tail.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def readme_block(heading: str, index: int = 0) -> str:
     return blocks[index]
 
 
+# KTAP output cut by a kernel panic in the middle of test 2.
+CRASH_MID_TEST = ("microvmm run --ktap --junit crash.xml --json crash.json -- "
+                  "sh -c 'echo 1..3; echo ok 1 before; echo \"# test 2 starts\"; echo c > /proc/sysrq-trigger'\n")
+
+
 @dataclass
 class Ran:
     returncode: int
@@ -76,7 +82,7 @@ def runs(tmp_path_factory) -> dict[str, Ran]:
         pytest.fail("no C compiler: scripts/setup-host installs gcc and libc6-dev (cc -static needs libc.a)")
     base = tmp_path_factory.mktemp("addktap")
     blocks = {"add": readme_block(ADD_HEADING), "ktap": readme_block(KTAP_HEADING),
-              "init": readme_block(ADD_HEADING, 1)}
+              "init": readme_block(ADD_HEADING, 1), "crash": CRASH_MID_TEST}
     with ThreadPoolExecutor(max_workers=min(GUESTS_AT_ONCE, 2)) as pool:
         futures = {name: pool.submit(run_block, block, base / name) for name, block in blocks.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -124,3 +130,19 @@ def test_ktap_results_one_junit_case_per_test(runs):
     assert [(t["name"], t["status"]) for t in result["tests"]] == [
         (f"{files} / proc is mounted", "pass"), (f"{files} / nested kvm", "skip"), (files, "pass"),
         ("selftests: demo: fails_on_purpose", "fail"), ("selftests: demo: later", "todo")]
+
+
+def test_a_panic_mid_test_fails_the_running_test_with_the_console_tail(runs):
+    ran = runs["crash"]
+    assert ran.returncode == 126, ran.stderr[-3000:]  # the panic's status, not the tests'
+    (suite,) = junitparser.JUnitXml.fromfile(str(ran.cwd / "crash.xml"))
+    cases = {case.name: case for case in suite}
+    assert list(cases) == ["boot", "command", "before", "tests 2-3 (no result)"]
+    assert cases["before"].is_passed
+    (failure,) = cases["tests 2-3 (no result)"].result
+    assert isinstance(failure, junitparser.Failure)
+    assert failure.message.startswith("planned 1..3, 1 reported: guest kernel panic")
+    assert "# test 2 starts" in failure.text  # its own output, then the console's last lines
+    assert "Kernel panic - not syncing: sysrq triggered crash" in failure.text
+    tests = json.loads((ran.cwd / "crash.json").read_text())["tests"]
+    assert [(t["name"], t["status"]) for t in tests] == [("before", "pass"), ("tests 2-3 (no result)", "fail")]
