@@ -275,3 +275,14 @@ def test_junit_survives_control_characters_in_names_and_output(tmp_path):
     (suite,) = junitparser.JUnitXml.fromfile(str(tmp_path / "r.xml"))
     (case,) = [c for c in suite if c.name.startswith("bad")]
     assert case.name == "bad\ufffdname" and "red" in case.result[0].text
+
+
+def test_ktap_without_a_command_is_refused(tmp_path, monkeypatch, capsys):
+    from microvmm import cli
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd"
+    kernel.write_bytes(b"\x7fELF")
+    initrd.write_bytes(b"070701")
+    monkeypatch.setenv("MICROVMM_IMAGES", str(tmp_path))
+    assert cli.main(["run", "--kernel", str(kernel), "--initrd", str(initrd), "--ktap"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "microvmm: error: --ktap reads the output of a guest command: add '-- CMD [ARGS...]'\n"
