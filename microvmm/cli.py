@@ -335,6 +335,10 @@ def _modules_from_args(args: argparse.Namespace, kernel: Path, initrd: Path | No
     return tuple(modules)
 
 
+#: Where the default guest's /init mounts file systems (guest/initramfs/etc/fstab, devtmpfs).
+DEFAULT_GUEST_MOUNTS = frozenset({"dev", "proc", "sys", "tmp", "run"})
+
+
 def _added_files_from_args(args: argparse.Namespace) -> tuple:
     """--add HOST[:GUEST]...: every host path walked and checked now (exists,
     readable, a file, directory or symlink; GUEST absolute, no '..')."""
@@ -343,7 +347,15 @@ def _added_files_from_args(args: argparse.Namespace) -> tuple:
         entries = plan_added_files(args.add)
     except AddError as err:
         raise UsageError(str(err)) from None
-    logging.getLogger(__name__).info("--add: %d entries added to the guest's root", len(entries))
+    log = logging.getLogger(__name__)
+    log.info("--add: %d entries added to the guest's root", len(entries))
+    if args.initrd is None:  # the default guest's /init mounts file systems over these
+        for entry in entries:
+            top = entry.path.split("/", 1)[0]
+            if entry.option and top in DEFAULT_GUEST_MOUNTS:
+                log.warning("%s: /%s will be hidden: the default guest mounts a file system on /%s "
+                            "(put it elsewhere, e.g. /opt)", entry.option, entry.path, top)
+                break
     return entries
 
 

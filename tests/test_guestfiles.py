@@ -230,3 +230,16 @@ def test_without_an_initrd_the_archive_is_the_initrd(tree):
     """--initrd none --add ...: Linux unpacks it over its built-in initramfs."""
     entries = plan_added_files([f"{tree}:/"])
     assert _read_images(None, added_files=entries) == build_added_archive(entries)
+
+
+def test_cli_warns_when_the_default_guest_would_hide_an_added_file(tree, tmp_path, vmm_calls, caplog, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "vmlinux").write_bytes(b"\x7fELF")
+    (images / "initramfs.cpio").write_bytes(b"070701")
+    monkeypatch.setenv("MICROVMM_IMAGES", str(images))
+    assert cli.main(["run", "--add", f"{tree}/run.sh:/tmp/run.sh", "--", "true"]) == 0
+    assert "/tmp/run.sh will be hidden: the default guest mounts a file system on /tmp" in caplog.text
+    caplog.clear()
+    assert cli.main(["run", "--add", f"{tree}/run.sh:/opt/run.sh", "--", "true"]) == 0
+    assert "hidden" not in caplog.text
