@@ -109,7 +109,6 @@ class _Level:
     started_at: float
     name: str | None = None
     plan: int | None = None
-    plan_skip: str | None = None
     results: int = 0
     last_number: int = 0
     last_at: float = 0.0
@@ -164,11 +163,8 @@ class KtapParser:
                 level.output.append(line)
             return
         if kind == "plan":
-            match = _PLAN.match(rest)
-            level.plan = int(match.group(1))
-            directive = _DIRECTIVE.match(match.group(2) or "")
-            if directive and directive.group(1).upper() == "SKIP":
-                level.plan_skip = directive.group(2) or "skipped"
+            # ('1..0 # SKIP why': nothing to run; the parent's result line says SKIP)
+            level.plan = int(_PLAN.match(rest).group(1))
             return
         if kind == "bail":
             reason = _BAIL_OUT.match(rest).group(1) or "no reason given"
