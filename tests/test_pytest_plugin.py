@@ -1,4 +1,4 @@
-"""microvmm's pytest plugin (microvmm/pytest_plugin.py) against the real
+"""microvmm's pytest plugin (microvmm/testing/plugin.py) against the real
 default guest on KVM: the plugin's own fixtures boot it, its agent runs the
 commands (guest/initramfs/sbin/microvmm-agent).
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import microvmm.pytest_plugin
-from microvmm.pytest_plugin import CommandResult, kvm_unusable_reason
+import microvmm.testing.plugin
+from microvmm.testing import CommandResult, kvm_unusable_reason
 from tests.e2e_support import GUEST_TEST_TIMEOUT
 
 pytest_plugins = ["pytester"]
@@ -27,7 +27,7 @@ IMAGES = Path(os.environ.get("MICROVMM_IMAGES", REPO / "images"))
 
 def test_plugin_is_loaded_through_its_entry_point(pytestconfig):
     # `pip install -e .` registers it; an older install of this checkout lacks it
-    assert pytestconfig.pluginmanager.get_plugin("microvmm") is microvmm.pytest_plugin, \
+    assert pytestconfig.pluginmanager.get_plugin("microvmm") is microvmm.testing.plugin, \
         "the pytest11 entry point 'microvmm' is not installed: run `pip install -e .`"
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from microvmm.pytest_plugin import (AgentClient, AgentError, CommandResult, PortChannel, encode_request,
-                                    end_marker)
+from microvmm.testing.agent import AgentClient, CommandResult, encode_request, end_marker
+from microvmm.testing.channels import PortChannel
+from microvmm.testing.errors import AgentError
 
 REPO = Path(__file__).resolve().parent.parent
 INITRAMFS = REPO / "guest" / "initramfs"

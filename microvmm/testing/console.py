@@ -1,8 +1,9 @@
-"""Drive a `microvmm run` process from Python: boot, expect output, run shell
-commands on the guest console, and stop it without leaving anything behind.
+"""Drive a `microvmm run` process whose console is on pipes: boot, expect
+output, run shell commands on the guest console, and stop it without leaving
+anything behind.
 
-Used by the project's end-to-end tests; usable by anyone who wants to script
-a guest from pytest or a CI job.
+Used by the project's end-to-end tests and benchmarks; usable by anyone who
+wants to script a guest from pytest or a CI job.
 """
 
 from __future__ import annotations
@@ -12,74 +13,23 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-BOOT_MARKER = "microvmm: init reached"
-PROMPT = "microvmm# "
+from microvmm.guest_contract import BOOT_MARKER, PROMPT
+from microvmm.testing.channels import PortChannel
+from microvmm.testing.errors import GuestTimeout
 
 
-class GuestTimeout(AssertionError):
-    """Expected output did not appear in time; the message shows what did."""
+class ConsoleStream(PortChannel):
+    """microvmm's stdout or stderr: `expect` searches from offset `start` (0:
+    everything received), matches consume nothing."""
 
+    def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0, start: int = 0) -> re.Match:
+        return super().expect(pattern, timeout, start)
 
-class _Stream:
-    """Collects a pipe's bytes on a thread; `expect` waits for a regex."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-        self._data = bytearray()
-        self._cond = threading.Condition()
-        self.closed = False
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        fd = self._pipe.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            with self._cond:
-                if not chunk:
-                    self.closed = True
-                    self._cond.notify_all()
-                    return
-                self._data += chunk
-                self._cond.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self._cond:
-            return self._data.decode(errors="replace")
-
-    def expect(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
-        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                match = regex.search(self._data, start)
-                if match:
-                    return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.closed:
-                    tail = self._data[-2000:].decode(errors="replace")
-                    why = "output ended" if self.closed else f"no match after {timeout:g} s"
-                    raise GuestTimeout(f"{why} waiting for {pattern!r}; last output:\n{tail}")
-                self._cond.wait(min(remaining, 1.0))
-
-    def slice(self, start: int, end: int) -> str:
-        with self._cond:
-            return self._data[start:end].decode(errors="replace")
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self._data)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+    def _tail(self) -> str:
+        return "last output:\n" + self._data[-2000:].decode(errors="replace")
 
 
 class GuestProcess:
@@ -90,8 +40,8 @@ class GuestProcess:
         self.proc = subprocess.Popen(
             self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env, cwd=cwd, start_new_session=True)
-        self.stdout = _Stream(self.proc.stdout)
-        self.stderr = _Stream(self.proc.stderr)
+        self.stdout = ConsoleStream("stdout", self.proc.stdout.fileno(), timeout_error=GuestTimeout)
+        self.stderr = ConsoleStream("stderr", self.proc.stderr.fileno(), timeout_error=GuestTimeout)
         self._command_seq = 0
 
     def expect(self, pattern: str, timeout: float = 60.0, start: int = 0) -> re.Match:
@@ -149,6 +99,9 @@ class GuestProcess:
                 except ProcessLookupError:
                     pass
                 self.proc.wait(10)
+        for stream in (self.stdout, self.stderr):
+            stream.join(2)   # the rest of the output, up to end of data
+            stream.close()
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 pipe.close()
@@ -163,5 +116,6 @@ class GuestProcess:
 
 
 def default_images() -> Path:
-    from microvmm.cli import default_images_dir
+    """Where `microvmm run` takes its default kernel and initramfs from."""
+    from microvmm.images import default_images_dir
     return default_images_dir()
