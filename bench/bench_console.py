@@ -2,7 +2,7 @@
 
 The real VirtioConsole, legacy PCI transport, EventLoop (I/O thread) and a unix
 stream socket port backend ("socket:data=PATH:server"), driven by the fake Linux
-front-end of tests/virtio_fake_driver.py: the "guest" runs on this thread,
+front-end of microvmm/testing/fakes/virtio_driver.py: the "guest" runs on this thread,
 posts buffers, kicks through the PCI notify register and waits for the
 device's INTx (an event here) before it reaps used buffers, like
 virtio_console.c. The buffers are set up once (their content is not rewritten
@@ -47,7 +47,7 @@ from microvmm.virtio_console.device import ConsoleFeature, VirtioConsole, rx_que
 from microvmm.virtio_console.spec import parse_port_spec
 from microvmm.virtio.queue import DescFlags, UsedFlags
 from microvmm.virtio.pci_legacy import VirtioPciLegacy
-from tests.virtio_fake_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
+from microvmm.testing.fakes.virtio_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
                                       GuestAllocator)
 
 RAM = 64 << 20

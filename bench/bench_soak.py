@@ -1,6 +1,6 @@
 """No-loss soak at volume: 16 console ports streaming both ways at once, without KVM.
 
-The harness of tests/test_soak.py (tests/soak_harness.py): the real
+The harness of tests/test_soak.py (microvmm/testing/fakes/soak.py): the real
 VirtioConsole, legacy PCI transport and EventLoop with 16 unix socket server
 ports (ports 0, 5, 10 and 15 are '@' console ports), the fake Linux front-end
 as the guest and one host peer thread that writes into and reads from every
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import REPO, report  # noqa: F401  (REPO: puts the repository on sys.path)
 
-from tests.soak_harness import SoakRig, SoakStuck
+from microvmm.testing.fakes.soak import SoakRig, SoakStuck
 
 CONSOLES = (0, 5, 10, 15)
 

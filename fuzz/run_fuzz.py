@@ -2,7 +2,7 @@
 """Long hostile-guest fuzz run over the same harness as tests/test_hostile_guest.py.
 
 Each case is generated from one integer seed by a seeded random.Random (the
-hand-rolled generator of tests/test_hostile_guest_harness.py, the same one the
+hand-rolled generator of microvmm/testing/fakes/hostile/, the same one the
 hypothesis tests drive), executed synchronously against the real console
 device, legacy PCI transport, PCI bus and MSI-X, and checked for the same
 invariants. A failure therefore replays exactly:
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.test_hostile_guest_harness import RandomChooser, run_case  # noqa: E402
+from microvmm.testing.fakes.hostile import RandomChooser, run_case  # noqa: E402
 
 #: A case taking longer than this is reported as a hang (an unbounded loop).
 CASE_TIMEOUT_S = 20

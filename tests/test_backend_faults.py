@@ -362,7 +362,7 @@ class _EnvAround(Env):
         from microvmm.pci.bus import PciBus
         from microvmm.virtio.pci_legacy import VirtioPciLegacy
         from tests.test_console_device import RAM, SLOT, FakeConsoleGuest
-        from tests.virtio_fake_driver import FakeIntxLine, FakeLegacyPciDriver, FakeMsiController, GuestAllocator
+        from microvmm.testing.fakes.virtio_driver import FakeIntxLine, FakeLegacyPciDriver, FakeMsiController, GuestAllocator
         self.tmp = tmp_path
         self.loop = loop
         self.announce = io.StringIO()

@@ -24,7 +24,7 @@ from microvmm.virtio_console.device import (
 from microvmm.virtio_console.port import CONSOLE_BUFFER_LIMIT
 from microvmm.virtio_console.spec import parse_port_spec
 from tests.console_helpers import wait_for
-from tests.virtio_fake_driver import (
+from microvmm.testing.fakes.virtio_driver import (
     F_EVENT_IDX, F_INDIRECT_DESC, STATUS_NEEDS_RESET, FakeIntxLine, FakeLegacyPciDriver,
     FakeMsiController, GuestAllocator,
 )

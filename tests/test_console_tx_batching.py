@@ -22,7 +22,7 @@ from microvmm.virtio_console.device import ConsoleFeature, VirtioConsole, tx_que
 from microvmm.virtio_console.spec import parse_port_spec
 from tests.console_helpers import run_on_loop, wait_for
 from tests.test_console_device import FakeConsoleGuest
-from tests.virtio_fake_driver import (
+from microvmm.testing.fakes.virtio_driver import (
     STATUS_NEEDS_RESET, FakeIntxLine, FakeLegacyPciDriver, FakeMsiController, GuestAllocator,
 )
 

@@ -1,7 +1,7 @@
 """A hostile guest against the real console device, legacy PCI transport, PCI bus and MSI-X.
 
 Generated with hypothesis (derandomized: CI runs the same examples every
-time) over the harness in tests/test_hostile_guest_harness.py; fuzz/run_fuzz.py
+time) over the harness in microvmm/testing/fakes/hostile/; fuzz/run_fuzz.py
 runs the same cases for much longer. Every case asserts: no exception escapes
 an entry point, no guest-memory access outside guest RAM succeeds, the device
 is active or in NEEDS_RESET after bad input, and reset + a proper bring-up
@@ -20,11 +20,11 @@ from microvmm.eventloop import EventLoop
 from microvmm.pci.msix import ENTRY_SIZE
 from microvmm.virtio_console.control import BAD_ID, ControlEvent
 from microvmm.virtio_console.device import CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG
-from tests.test_hostile_guest_harness import (
+from microvmm.testing.fakes.hostile import (
     CTRL, F_MULTIPORT, PAGE, REG_QUEUE_NOTIFY, REG_STATUS, REGIONS, SLOT, CaseResult, ConsoleRig,
     HypothesisChooser, RandomChooser, check_state, collect, run_case,
 )
-from tests.virtio_fake_driver import STATUS_NEEDS_RESET, GuestAllocator
+from microvmm.testing.fakes.virtio_driver import STATUS_NEEDS_RESET, GuestAllocator
 
 def ci(max_examples: int) -> settings:
     """Reproducible in CI: derandomized, no example database, no deadline."""

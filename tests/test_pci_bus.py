@@ -6,7 +6,7 @@ import pytest
 
 from microvmm.pci.bus import IO_BAR_WINDOW, MMIO_BAR_WINDOW, PciBus, PciBusError
 from microvmm.pci.config import BarKind, InterruptPin, PciFunction, PciIds, Status
-from tests.virtio_fake_driver import ConfigMechanism1
+from microvmm.testing.fakes.virtio_driver import ConfigMechanism1
 
 
 class Recorder:

@@ -7,7 +7,7 @@ import pytest
 from microvmm.pci.bus import PciBus
 from microvmm.pci.config import InterruptPin, PciFunction, PciIds
 from microvmm.pci.msix import MsixCapability
-from tests.virtio_fake_driver import ConfigMechanism1, FakeMsiController
+from microvmm.testing.fakes.virtio_driver import ConfigMechanism1, FakeMsiController
 
 SLOT = 6
 NVEC = 3

@@ -1,7 +1,7 @@
 """No-loss soak: 16 ports (4 of them '@' console ports) streaming both ways at once.
 
 The real device, transport and I/O thread under the fake guest driver with
-unix socket peers (see tests/soak_harness.py). Every byte sent on every port
+unix socket peers (see microvmm/testing/fakes/soak.py). Every byte sent on every port
 in either direction must arrive exactly once and in order (equal count and
 sha256), the device's counters must agree, and no console port may drop
 output while its reader keeps up. `pytest -s` prints the volume and duration.
@@ -9,7 +9,7 @@ output while its reader keeps up. `pytest -s` prints the volume and duration.
 
 from __future__ import annotations
 
-from tests.soak_harness import SoakRig
+from microvmm.testing.fakes.soak import SoakRig
 
 #: Beyond a console port's 1 MiB host buffer, so a reader that fell behind would show drops.
 PER_DIRECTION = 4 << 20

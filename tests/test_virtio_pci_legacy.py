@@ -13,7 +13,7 @@ from microvmm.pci.bus import PciBus
 from microvmm.virtio.device import VirtioDevice, VirtioDeviceType
 from microvmm.virtio.pci_legacy import VirtioPciLegacy
 from microvmm.virtio.queue import VirtQueueError
-from tests.virtio_fake_driver import (
+from microvmm.testing.fakes.virtio_driver import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
     MSI_NO_VECTOR,

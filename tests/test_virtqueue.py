@@ -18,7 +18,7 @@ from microvmm.virtio.queue import (
     legacy_ring_layout,
     vring_need_event,
 )
-from tests.virtio_fake_driver import DriverRing, GuestAllocator
+from microvmm.testing.fakes.virtio_driver import DriverRing, GuestAllocator
 
 RAM = 1 << 20
 SIZE = 8

@@ -2,7 +2,7 @@
 
 The real VirtioConsole, legacy PCI transport and EventLoop (I/O thread), with
 unix socket server ports ("socket:NAME=PATH:server", '@' for console ports),
-driven by the fake Linux front-end of tests/virtio_fake_driver.py. Three
+driven by the fake Linux front-end of microvmm/testing/fakes/virtio_driver.py. Three
 parties run concurrently:
 
 - the fake guest (the calling thread): multiport bring-up over the control
@@ -43,7 +43,7 @@ from microvmm.virtio_console.device import (
 )
 from microvmm.virtio_console.port import PortStats
 from microvmm.virtio_console.spec import parse_port_spec
-from tests.virtio_fake_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
+from microvmm.testing.fakes.virtio_driver import (CONSOLE_CONTROL, EventIntx, FakeLegacyPciDriver, FakeMsiController,
                                       GuestAllocator)
 
 RAM = 32 << 20
