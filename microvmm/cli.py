@@ -9,13 +9,13 @@ import contextlib
 import gc
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from microvmm.exitcodes import HELP_TEXT, ExitCode
+from microvmm.images import BUILD_HINT, default_images_dir
 
 #: Without --cmdline; microvmm adds the console= (the kernel's log on a port
 #: of its own, or console=ttyS0: vmm.plan_kernel_console).
@@ -59,23 +59,12 @@ def package_version() -> str:
     return found.group(1) if found else "unknown"
 
 
-def default_images_dir() -> Path:
-    """$MICROVMM_IMAGES, else ./images, else the images/ of this source tree."""
-    env = os.environ.get("MICROVMM_IMAGES")
-    if env:
-        return Path(env)
-    for candidate in (Path.cwd() / "images", Path(__file__).resolve().parent.parent / "images"):
-        if (candidate / "vmlinux").is_file():
-            return candidate
-    return Path.cwd() / "images"
-
-
 RUN_EXAMPLES = """usage with a guest command: microvmm run [options] -- CMD [ARGS...]
   runs CMD in the guest (default initramfs, or one following guest/README.md),
   streams its stdout/stderr to ours, and exits with its status.
 
 examples:
-  microvmm run                                    boot the default guest (images/)
+  microvmm run                                    boot the default guest (microvmm images path)
   microvmm run --kernel bzImage --console @pty:p0 the guest console on a new pty
   microvmm run --kernel vmlinux --initrd initramfs.cpio --mem 128M --cpus 2
   microvmm run --serial file:boot.log --append 'initcall_debug'
@@ -120,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EXAMPLES + "\n" + HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--kernel", metavar="PATH",
-                     help="bzImage or ELF vmlinux (default: images/vmlinux), e.g. --kernel arch/x86/boot/bzImage")
+                     help="bzImage or ELF vmlinux (default: vmlinux of `microvmm images path`), "
+                          "e.g. --kernel arch/x86/boot/bzImage")
     run.add_argument("--initrd", metavar="PATH",
-                     help="initramfs (default: images/initramfs.cpio, the busybox guest; "
+                     help="initramfs (default: initramfs.cpio of `microvmm images path`, the busybox guest; "
                           "'none' for no initramfs), e.g. --initrd initramfs.cpio.gz")
     run.add_argument("--cmdline", metavar="STR",
                      help=f"kernel command line (default: {DEFAULT_CMDLINE!r} and a console= "
@@ -205,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0 when every required option is set, 1 otherwise.",
         epilog="example: microvmm check-config ~/linux/.config")
     config.add_argument("config", metavar="PATH", help="a kernel .config, e.g. ~/linux/.config")
+    images = commands.add_parser(
+        "images", help="build the default guest images, or print where they are",
+        description="build: build the default guest kernel and initramfs into the user's image cache "
+                    "($MICROVMM_IMAGES, else ~/.cache/microvmm/images; Debian packages are installed "
+                    "when missing, as root). path: print the directory `microvmm run` takes them from.")
+    images.add_argument("action", choices=("build", "path"), nargs="?", default="path",
+                        help="build or path (default: path)")
+    images.add_argument("--force", action="store_true", help="build: rebuild even when cached")
 
     return parser
 
@@ -217,7 +215,7 @@ def _config_from_args(args: argparse.Namespace):
     images = default_images_dir()
     kernel = Path(args.kernel) if args.kernel else images / "vmlinux"
     if not args.kernel and not kernel.is_file():
-        raise UsageError(f"no --kernel given and no default image at {kernel}: run `make images`")
+        raise UsageError(f"no --kernel given and no default image at {kernel}: {BUILD_HINT}")
     if args.initrd == "none":
         initrd = None
     elif args.initrd:
@@ -227,7 +225,7 @@ def _config_from_args(args: argparse.Namespace):
         initrd = images / "initramfs.cpio"
         if not initrd.is_file():
             raise UsageError(f"no --initrd given and no default initramfs at {initrd}: "
-                             "run `make images`, or pass --initrd PATH or --initrd none")
+                             f"{BUILD_HINT}, or pass --initrd PATH or --initrd none")
     system_map = Path(args.system_map) if args.system_map else None
     for label, path in (("--kernel", kernel), ("--initrd", initrd), ("--system-map", system_map)):
         if path is not None and not path.is_file():
@@ -426,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 return ExitCode.USAGE
             print(text)
             return status
+        if args.command_name == "images":
+            from microvmm.guestbuild.command import images_command
+            return images_command(args.action, force=args.force)
         if args.command_name == "check-host":
             from microvmm.hostinfo import check_kvm_device, detect_host_kind, host_quirks
             kind, reason = detect_host_kind()

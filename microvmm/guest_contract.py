@@ -21,7 +21,7 @@ AGENT_PORT = "microvmm.agent"
 RESERVED_PORTS = frozenset({KMSG_PORT, COMMAND_STDOUT_PORT, COMMAND_STDERR_PORT, COMMAND_STATUS_PORT,
                             AGENT_PORT})
 
-#: The default init's first line (guest/initramfs/init): user space is running.
+#: The default init's first line (microvmm/guestbuild/guest/initramfs/init): user space is running.
 BOOT_MARKER = "microvmm: init reached"
 #: The default guest's shell prompt (its /etc/profile).
 PROMPT = "microvmm# "

@@ -10,7 +10,7 @@ the modules the console needs and their dependencies in load order
 small newc cpio archive that the VMM appends to the initramfs in guest RAM
 (Linux unpacks concatenated archives one after the other). The default
 initramfs's /init loads what its list names before it does anything that
-needs a console (guest/initramfs/lib/microvmm/modules.sh).
+needs a console (microvmm/guestbuild/guest/initramfs/lib/microvmm/modules.sh).
 
 Compressed modules (.ko.xz, .ko.gz) are decompressed here: busybox insmod
 would do it in the guest, where decompression is emulated on some hosts, and

@@ -3,7 +3,7 @@
 The default guest has no ACPI: `poweroff -f`, `halt -f` and the `poweroff`
 applet end in Linux's final halt ("reboot: System halted", every CPU in HLT
 with interrupts off), sysrq o in "reboot: Power down" and then the same halt
-(guest/patches/0002-*); microvmm recognises that state. `reboot -f` is an
+(microvmm/guestbuild/guest/patches/0002-*); microvmm recognises that state. `reboot -f` is an
 i8042 reset (reboot=k). Each test boots its own guest (the stop ends it).
 """
 

@@ -1,4 +1,4 @@
-"""Tests for the guest image builder (guest/): cpio writer, cache key, config verification.
+"""Tests for the guest image builder (microvmm/guestbuild/): cpio writer, cache key, config verification.
 
 No kernel is built here; if images/ exists (built by `make images`), its
 kernel.config and initramfs are checked against the sources.
@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import json
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST = REPO / "guest"
-IMAGES = REPO / "images"
-sys.path.insert(0, str(GUEST))
+from microvmm import newc
+from microvmm.guestbuild import GUEST_SOURCES as GUEST
+from microvmm.guestbuild import cache, errors, initramfs, kconfig, kernel, packages
 
-newc = importlib.import_module("newc")
-build_images = importlib.import_module("build_images")
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "images"
 
 VERSIONS = {"linux-source-6.1": "6.1.192-2", "busybox-static": "1:1.35.0-4", "gcc": "gcc 12.2.0"}
 
@@ -144,77 +141,77 @@ def guest_copy(tmp_path: Path) -> Path:
 
 
 def test_cache_key_is_stable(guest_copy: Path) -> None:
-    assert build_images.compute_cache_key(guest_copy, VERSIONS) == build_images.compute_cache_key(GUEST, VERSIONS)
+    assert cache.compute_cache_key(guest_copy, VERSIONS) == cache.compute_cache_key(GUEST, VERSIONS)
 
 
 def test_cache_key_changes_with_fragment(guest_copy: Path) -> None:
-    before = build_images.compute_cache_key(guest_copy, VERSIONS)
+    before = cache.compute_cache_key(guest_copy, VERSIONS)
     with (guest_copy / "kernel.config").open("a") as fragment:
         fragment.write("CONFIG_NET=y\n")
-    assert build_images.compute_cache_key(guest_copy, VERSIONS) != before
+    assert cache.compute_cache_key(guest_copy, VERSIONS) != before
 
 
 def test_cache_key_changes_with_patch_content_and_new_patch(guest_copy: Path) -> None:
-    before = build_images.compute_cache_key(guest_copy, VERSIONS)
+    before = cache.compute_cache_key(guest_copy, VERSIONS)
     patch = sorted((guest_copy / "patches").glob("*.patch"))[0]
     patch.write_text(patch.read_text().replace("regs->ax = -ENOSYS;", "regs->ax = -EINVAL;"))
-    changed = build_images.compute_cache_key(guest_copy, VERSIONS)
+    changed = cache.compute_cache_key(guest_copy, VERSIONS)
     assert changed != before
     (guest_copy / "patches" / "0002-extra.patch").write_text("--- a/x\n+++ b/x\n")
-    assert build_images.compute_cache_key(guest_copy, VERSIONS) != changed
+    assert cache.compute_cache_key(guest_copy, VERSIONS) != changed
 
 
 def test_cache_key_changes_with_initramfs_versions_and_exec_bit(guest_copy: Path) -> None:
-    base = build_images.compute_cache_key(guest_copy, VERSIONS)
-    assert build_images.compute_cache_key(guest_copy, {**VERSIONS, "busybox-static": "2"}) != base
-    assert build_images.compute_cache_key(guest_copy, {**VERSIONS, "linux-source-6.1": "6.1.193-1"}) != base
+    base = cache.compute_cache_key(guest_copy, VERSIONS)
+    assert cache.compute_cache_key(guest_copy, {**VERSIONS, "busybox-static": "2"}) != base
+    assert cache.compute_cache_key(guest_copy, {**VERSIONS, "linux-source-6.1": "6.1.193-1"}) != base
     init = guest_copy / "initramfs" / "init"
     init.chmod(0o644)
-    no_exec = build_images.compute_cache_key(guest_copy, VERSIONS)
+    no_exec = cache.compute_cache_key(guest_copy, VERSIONS)
     assert no_exec != base
     init.chmod(0o755)
     (guest_copy / "initramfs" / "etc" / "profile").write_text("PS1='x# '\n")
-    assert build_images.compute_cache_key(guest_copy, VERSIONS) not in (base, no_exec)
+    assert cache.compute_cache_key(guest_copy, VERSIONS) not in (base, no_exec)
 
 
 def test_cache_key_ignores_readme_and_bytecode(guest_copy: Path) -> None:
-    before = build_images.compute_cache_key(guest_copy, VERSIONS)
+    before = cache.compute_cache_key(guest_copy, VERSIONS)
     (guest_copy / "README.md").write_text("changed docs\n")
     (guest_copy / "__pycache__").mkdir(exist_ok=True)
     (guest_copy / "__pycache__" / "x.pyc").write_bytes(b"junk")
-    assert build_images.compute_cache_key(guest_copy, VERSIONS) == before
+    assert cache.compute_cache_key(guest_copy, VERSIONS) == before
 
 
 # ----------------------------------------------------------------------------- config verification
 
 
 def test_parse_kconfig_reads_set_and_unset_options() -> None:
-    parsed = build_images.parse_kconfig(
+    parsed = kconfig.parse_kconfig(
         "# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_HZ=100\nCONFIG_S=\"x y\"\n\n")
     assert parsed == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_HZ": "100", "CONFIG_S": '"x y"'}
 
 
 def test_verify_config_detects_options_that_did_not_stick() -> None:
-    fragment = build_images.parse_kconfig(
+    fragment = kconfig.parse_kconfig(
         "CONFIG_A=y\nCONFIG_HZ=100\n# CONFIG_ACPI is not set\n# CONFIG_VT is not set\nCONFIG_GONE=y\n")
-    final = build_images.parse_kconfig("CONFIG_A=y\nCONFIG_HZ=250\nCONFIG_ACPI=y\n# CONFIG_OTHER is not set\n")
-    mismatches = build_images.verify_config(fragment, final)
+    final = kconfig.parse_kconfig("CONFIG_A=y\nCONFIG_HZ=250\nCONFIG_ACPI=y\n# CONFIG_OTHER is not set\n")
+    mismatches = kconfig.verify_config(fragment, final)
     assert {(m.option, m.wanted, m.got) for m in mismatches} == {
         ("CONFIG_HZ", "100", "250"), ("CONFIG_ACPI", "n", "y"), ("CONFIG_GONE", "y", None)}
-    error = build_images.ConfigMismatchError(mismatches)
+    error = kconfig.ConfigMismatchError(mismatches)
     assert "CONFIG_HZ: wanted 100, got 250" in str(error)
     assert "CONFIG_GONE: wanted y, got absent" in str(error)
 
 
 def test_verify_config_accepts_matching_config() -> None:
-    fragment = build_images.parse_kconfig((GUEST / "kernel.config").read_text())
+    fragment = kconfig.parse_kconfig((GUEST / "kernel.config").read_text())
     assert len(fragment) > 40
     final_text = "\n".join(f"# {k} is not set" if v == "n" else f"{k}={v}" for k, v in fragment.items())
-    assert build_images.verify_config(fragment, build_images.parse_kconfig(final_text)) == []
+    assert kconfig.verify_config(fragment, kconfig.parse_kconfig(final_text)) == []
 
 
 def test_fragment_requests_the_options_the_host_needs() -> None:
-    fragment = build_images.parse_kconfig((GUEST / "kernel.config").read_text())
+    fragment = kconfig.parse_kconfig((GUEST / "kernel.config").read_text())
     for option in ("CONFIG_64BIT", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_PCI_LEGACY",
                    "CONFIG_X86_MPPARSE", "CONFIG_KERNEL_LZ4", "CONFIG_BLK_DEV_INITRD", "CONFIG_RD_GZIP",
                    "CONFIG_DEVTMPFS_MOUNT", "CONFIG_CRYPTO_MANAGER_DISABLE_TESTS", "CONFIG_HZ_100",
@@ -229,37 +226,37 @@ def test_fragment_requests_the_options_the_host_needs() -> None:
 
 def test_patched_paths_reads_unified_diff_headers() -> None:
     patch = next((GUEST / "patches").glob("0001-*.patch")).read_text()
-    assert build_images.patched_paths(patch) == ["arch/x86/mm/fault.c"]
-    assert build_images.patched_paths("--- /dev/null\n+++ b/new/file.c\n") == ["new/file.c"]
+    assert kernel.patched_paths(patch) == ["arch/x86/mm/fault.c"]
+    assert kernel.patched_paths("--- /dev/null\n+++ b/new/file.c\n") == ["new/file.c"]
 
 
 def test_prepare_work_tree_applies_reverts_and_keeps_pristine(tmp_path: Path) -> None:
-    trees = build_images.KernelTrees(tmp_path / "pristine", tmp_path / "work", tmp_path / "build")
+    trees = kernel.KernelTrees(tmp_path / "pristine", tmp_path / "work", tmp_path / "build")
     (trees.pristine / "dir").mkdir(parents=True)
     (trees.pristine / "dir" / "f.c").write_text("one\ntwo\nthree\n")
-    (trees.pristine / build_images._UNPACKED_MARKER).touch()
+    (trees.pristine / kernel._UNPACKED_MARKER).touch()
     patch1 = tmp_path / "0001-a.patch"
     patch1.write_text("header text\n---\n--- a/dir/f.c\n+++ b/dir/f.c\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n")
-    assert build_images.prepare_work_tree(trees, [patch1]) is True
+    assert kernel.prepare_work_tree(trees, [patch1]) is True
     assert (trees.work / "dir" / "f.c").read_text() == "one\nTWO\nthree\n"
     assert (trees.pristine / "dir" / "f.c").read_text() == "one\ntwo\nthree\n"
-    assert build_images.prepare_work_tree(trees, [patch1]) is False  # idempotent
+    assert kernel.prepare_work_tree(trees, [patch1]) is False  # idempotent
     # A changed patch set restores the old files first, then applies the new one.
     patch2 = tmp_path / "0001-a.patch"
     patch2.write_text("--- a/dir/f.c\n+++ b/dir/f.c\n@@ -1,3 +1,3 @@\n one\n two\n-three\n+THREE\n")
-    assert build_images.prepare_work_tree(trees, [patch2]) is True
+    assert kernel.prepare_work_tree(trees, [patch2]) is True
     assert (trees.work / "dir" / "f.c").read_text() == "one\ntwo\nTHREE\n"
-    assert build_images.prepare_work_tree(trees, []) is True
+    assert kernel.prepare_work_tree(trees, []) is True
     assert (trees.work / "dir" / "f.c").read_text() == "one\ntwo\nthree\n"
     assert (trees.pristine / "dir" / "f.c").read_text() == "one\ntwo\nthree\n"
 
 
 def test_patch_applies_to_kernel_source_if_unpacked() -> None:
-    version = build_images.package_version("linux-source-6.1")
+    version = packages.package_version("linux-source-6.1")
     if version is None:
         pytest.skip("linux-source-6.1 not installed")
-    pristine = build_images.kernel_trees(build_images.cache_root(), version).pristine
-    if not (pristine / build_images._UNPACKED_MARKER).exists():
+    pristine = kernel.kernel_trees(cache.cache_root(), version).pristine
+    if not (pristine / kernel._UNPACKED_MARKER).exists():
         pytest.skip(f"kernel source not unpacked at {pristine} (run guest/build_images.py)")
     import subprocess
     for patch in sorted((GUEST / "patches").glob("*.patch")):
@@ -271,7 +268,7 @@ def test_patch_applies_to_kernel_source_if_unpacked() -> None:
 def test_build_initramfs_contents() -> None:
     applets = ["bin/sh", "bin/mount", "bin/cttyhack", "usr/bin/setsid", "sbin/reboot", "sbin/poweroff",
                "sbin/halt", "usr/sbin/chroot", "linuxrc"]
-    blob = build_images.build_initramfs(GUEST / "initramfs", b"BUSYBOX", applets)
+    blob = initramfs.build_initramfs(GUEST / "initramfs", b"BUSYBOX", applets)
     entries = {e.path: e for e in newc.read_newc(blob)}
     assert entries["bin/busybox"].data == b"BUSYBOX"
     assert entries["init"].mode == stat.S_IFREG | 0o755
@@ -296,29 +293,29 @@ def test_build_initramfs_contents() -> None:
     assert entries["dev/console"].kind is newc.EntryKind.CHAR_DEVICE
     assert entries["tmp"].mode == stat.S_IFDIR | 0o1777
     assert entries["usr/sbin"].kind is newc.EntryKind.DIRECTORY
-    assert blob == build_images.build_initramfs(GUEST / "initramfs", b"BUSYBOX", list(reversed(applets)))
+    assert blob == initramfs.build_initramfs(GUEST / "initramfs", b"BUSYBOX", list(reversed(applets)))
 
 
 def test_gzip_is_deterministic() -> None:
     data = b"abc" * 1000
-    assert build_images.gzip_deterministic(data) == build_images.gzip_deterministic(data)
-    assert gzip.decompress(build_images.gzip_deterministic(data)) == data
+    assert initramfs.gzip_deterministic(data) == initramfs.gzip_deterministic(data)
+    assert gzip.decompress(initramfs.gzip_deterministic(data)) == data
 
 
 def test_install_outputs_never_writes_through_existing_files(tmp_path: Path) -> None:
     entry, out = tmp_path / "entry", tmp_path / "out"
     entry.mkdir()
     out.mkdir()
-    for name in (*build_images.IMAGE_FILES, build_images.MANIFEST_NAME):
+    for name in (*cache.IMAGE_FILES, cache.MANIFEST_NAME):
         (entry / name).write_text(f"new {name}")
     # An older output that is a hard link to some other file (e.g. an older cache entry).
     victim = tmp_path / "older-cache-bzImage"
     victim.write_text("old bzImage")
     (out / "bzImage").hardlink_to(victim)
-    build_images.install_outputs(entry, out)
-    build_images.install_outputs(entry, out)  # idempotent over its own links
+    cache.install_outputs(entry, out)
+    cache.install_outputs(entry, out)  # idempotent over its own links
     assert victim.read_text() == "old bzImage"
-    for name in (*build_images.IMAGE_FILES, build_images.MANIFEST_NAME):
+    for name in (*cache.IMAGE_FILES, cache.MANIFEST_NAME):
         assert (out / name).read_text() == f"new {name}"
     assert not list(out.glob(".*.tmp"))
 
@@ -326,22 +323,22 @@ def test_install_outputs_never_writes_through_existing_files(tmp_path: Path) -> 
 def test_cache_entry_completeness(tmp_path: Path) -> None:
     entry = tmp_path / "entry"
     entry.mkdir()
-    assert not build_images.cache_entry_complete(entry)
+    assert not cache.cache_entry_complete(entry)
     files = {}
-    for name in build_images.IMAGE_FILES:
+    for name in cache.IMAGE_FILES:
         (entry / name).write_bytes(name.encode())
         files[name] = {"size": len(name), "sha256": ""}
-    (entry / build_images.MANIFEST_NAME).write_text(json.dumps({"files": files}))
-    assert build_images.cache_entry_complete(entry)
+    (entry / cache.MANIFEST_NAME).write_text(json.dumps({"files": files}))
+    assert cache.cache_entry_complete(entry)
     (entry / "vmlinux").write_bytes(b"")
-    assert not build_images.cache_entry_complete(entry)
+    assert not cache.cache_entry_complete(entry)
 
 
 # ----------------------------------------------------------------------------- built images (if present)
 
 
 def _require_images() -> dict:
-    manifest = IMAGES / build_images.MANIFEST_NAME
+    manifest = IMAGES / cache.MANIFEST_NAME
     if not manifest.exists():
         pytest.skip("images/ not built (run: python3 guest/build_images.py --out images)")
     return json.loads(manifest.read_text())
@@ -349,9 +346,9 @@ def _require_images() -> dict:
 
 def test_built_kernel_config_has_every_fragment_option() -> None:
     _require_images()
-    fragment = build_images.parse_kconfig((GUEST / "kernel.config").read_text())
-    final = build_images.parse_kconfig((IMAGES / "kernel.config").read_text())
-    assert build_images.verify_config(fragment, final) == []
+    fragment = kconfig.parse_kconfig((GUEST / "kernel.config").read_text())
+    final = kconfig.parse_kconfig((IMAGES / "kernel.config").read_text())
+    assert kconfig.verify_config(fragment, final) == []
 
 
 def test_built_images_match_manifest_and_initramfs_parses() -> None:
@@ -384,10 +381,10 @@ def test_applet_links_are_the_few_needed_before_proc_and_by_path(tmp_path) -> No
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     if not busybox.exists():
         pytest.skip("no busybox on this machine")
-    links = build_images.applet_links(busybox)
+    links = initramfs.applet_links(busybox)
     # /init's first mount runs before /proc (busybox's /proc/self/exe) exists;
     # /etc/passwd and scripts name /bin/sh.
     assert {"bin/sh", "bin/mount"} <= set(links)
     assert len(links) < 10  # each link costs the guest ~35 ms to unpack here
-    with pytest.raises(build_images.GuestBuildError, match="no-such-applet"):
-        build_images.applet_links(busybox, ("bin/sh", "bin/no-such-applet"))
+    with pytest.raises(errors.GuestBuildError, match="no-such-applet"):
+        initramfs.applet_links(busybox, ("bin/sh", "bin/no-such-applet"))

@@ -22,7 +22,7 @@ from microvmm.memory import GuestMemory
 from microvmm.newc import CpioArchive, EntryKind, read_newc
 
 REPO = Path(__file__).resolve().parent.parent
-MODULES_SH = REPO / "guest" / "initramfs" / "lib" / "microvmm" / "modules.sh"
+MODULES_SH = REPO / "microvmm" / "guestbuild" / "guest" / "initramfs" / "lib" / "microvmm" / "modules.sh"
 VERSION = "6.1.0-99-test"
 
 # Debian 6.1's own modules.dep lines for the console (the dependency order is depmod's).

@@ -1,6 +1,6 @@
 """microvmm's pytest plugin (microvmm/testing/plugin.py) against the real
 default guest on KVM: the plugin's own fixtures boot it, its agent runs the
-commands (guest/initramfs/sbin/microvmm-agent).
+commands (microvmm/guestbuild/guest/initramfs/sbin/microvmm-agent).
 
 One VM serves the module's tests (microvm_module); the report test boots a
 second one in an inner pytest run, only for about 25 s. The tests run in file

@@ -1,4 +1,4 @@
-"""The guest agent script (guest/initramfs/sbin/microvmm-agent) and the
+"""The guest agent script (microvmm/guestbuild/guest/initramfs/sbin/microvmm-agent) and the
 plugin's host side of its protocol, on this host: busybox sh runs the real
 script with a pty standing in for the agent port and FIFOs for the output
 ports (a fake sysfs names them). Fast; the same path runs in the real guest
@@ -20,7 +20,7 @@ from microvmm.testing.channels import PortChannel
 from microvmm.testing.errors import AgentError
 
 REPO = Path(__file__).resolve().parent.parent
-INITRAMFS = REPO / "guest" / "initramfs"
+INITRAMFS = REPO / "microvmm" / "guestbuild" / "guest" / "initramfs"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 

@@ -40,7 +40,7 @@ class CommandResult(NamedTuple):
 
 
 class AgentClient:
-    """Runs commands through the guest agent (guest/sbin/microvmm-agent)."""
+    """Runs commands through the guest agent (microvmm/guestbuild/guest/initramfs/sbin/microvmm-agent)."""
 
     def __init__(self, agent: PortChannel, stdout: PortChannel, stderr: PortChannel):
         self.agent = agent
