@@ -40,8 +40,11 @@ def candidate_images_dirs() -> list[Path]:
     env = os.environ.get(IMAGES_ENV)
     if env:
         return [Path(env).expanduser()]
-    checkout = Path(__file__).resolve().parent.parent / "images"
-    dirs = [Path.cwd() / "images", checkout, user_images_dir()]
+    source_tree = Path(__file__).resolve().parent.parent
+    dirs = [Path.cwd() / "images"]
+    if (source_tree / "pyproject.toml").is_file():  # a checkout, not site-packages
+        dirs.append(source_tree / "images")
+    dirs.append(user_images_dir())
     return [d for index, d in enumerate(dirs) if d not in dirs[:index]]
 
 
