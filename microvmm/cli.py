@@ -333,7 +333,7 @@ def _modules_from_args(args: argparse.Namespace, kernel: Path, initrd: Path | No
     return tuple(modules)
 
 
-#: Where the default guest's /init mounts file systems (guest/initramfs/etc/fstab, devtmpfs).
+#: Where the default guest's /init mounts file systems (microvmm/guestbuild/guest/initramfs/etc/fstab, devtmpfs).
 DEFAULT_GUEST_MOUNTS = frozenset({"dev", "proc", "sys", "tmp", "run"})
 
 
