@@ -388,3 +388,40 @@ def test_applet_links_are_the_few_needed_before_proc_and_by_path(tmp_path) -> No
     assert len(links) < 10  # each link costs the guest ~35 ms to unpack here
     with pytest.raises(errors.GuestBuildError, match="no-such-applet"):
         initramfs.applet_links(busybox, ("bin/sh", "bin/no-such-applet"))
+
+
+def test_a_cache_hit_does_not_wait_for_another_build(tmp_path, monkeypatch) -> None:
+    """Another key's kernel build holds the cache lock for minutes; a complete
+    entry of ours is installed without it. An incomplete one waits."""
+    import fcntl
+    import threading
+
+    from microvmm.guestbuild import build
+    monkeypatch.setenv("MICROVMM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "ensure_packages", lambda packages: None)
+    monkeypatch.setattr(build, "collect_inputs", lambda guest_dir: build.BuildInputs(guest_dir, VERSIONS, "k1"))
+    building = []
+    monkeypatch.setattr(build, "build_entry", lambda *args: building.append(args))
+    entry = tmp_path / "cache" / "images" / "k1"
+    entry.mkdir(parents=True)
+    for name in cache.IMAGE_FILES:
+        (entry / name).write_bytes(name.encode())
+    (entry / cache.MANIFEST_NAME).write_text(json.dumps(
+        {"files": {name: {"size": len(name)} for name in cache.IMAGE_FILES}}))
+    with open(tmp_path / "cache" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "another build"
+        hit = threading.Thread(target=lambda: build.build_images(tmp_path / "out"), daemon=True)
+        hit.start()
+        hit.join(10)
+        assert not hit.is_alive(), "a cache hit waited for the build lock"
+        assert (tmp_path / "out" / "vmlinux").read_bytes() == b"vmlinux" and building == []
+
+        (entry / cache.MANIFEST_NAME).unlink()  # incomplete: must take the lock to build
+        waiter = threading.Thread(target=lambda: build.build_images(tmp_path / "out2"), daemon=True)
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and building == []
+        (entry / cache.MANIFEST_NAME).write_text(json.dumps(
+            {"files": {name: {"size": len(name)} for name in cache.IMAGE_FILES}}))
+    waiter.join(10)
+    assert not waiter.is_alive() and building == []  # complete by the time it had the lock

@@ -134,6 +134,18 @@ def build_images(out: Path, guest_dir: Path = GUEST_SOURCES, *, force: bool = Fa
     logger.info("cache key %s (%s)", inputs.key,
                 ", ".join(f"{k} {v}" for k, v in sorted(inputs.versions.items())))
     (root / "images").mkdir(parents=True, exist_ok=True)
+    # A complete entry is never changed in place (a build publishes it with one
+    # rename), so a cache hit needs no lock: it does not wait minutes behind
+    # another key's kernel build. Only `--force` of the same key removes it
+    # under our feet; then the locked path below does the work.
+    if not force and cache_entry_complete(entry):
+        try:
+            with timer.phase(f"cache hit {entry}: install into {out}"):
+                install_outputs(entry, out)
+        except OSError as err:
+            logger.info("cache entry changed while installing (%s); taking the build lock", err)
+        else:
+            return _report(out, timer, entry)
     with (root / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,6 +158,10 @@ def build_images(out: Path, guest_dir: Path = GUEST_SOURCES, *, force: bool = Fa
             build_entry(inputs, root, entry, timer)
         with timer.phase(f"install into {out}"):
             install_outputs(entry, out)
+    return _report(out, timer, entry)
+
+
+def _report(out: Path, timer: PhaseTimer, entry: Path) -> Path:
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     for name, info in manifest["files"].items():
         logger.info("  %-18s %10d bytes", name, info["size"])
