@@ -203,7 +203,8 @@ class ScriptedBackend(PortBackend):
         self.size = TerminalSize(80, 25) if console else None
         self._connected = True
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write_vectored(self, buffers) -> int:
+        data = b"".join(buffers)
         taken = len(data) if self.capacity is None else min(len(data), self.capacity)
         if self.capacity is not None:
             self.capacity -= taken
