@@ -45,18 +45,9 @@ def parse_size(text: str) -> int:
 
 
 def package_version() -> str:
-    """microvmm's version: the installed package's metadata, else pyproject's."""
-    from importlib import metadata
-    try:
-        return metadata.version("microvmm")
-    except metadata.PackageNotFoundError:
-        pass
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    try:
-        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
-    except OSError:
-        found = None
-    return found.group(1) if found else "unknown"
+    """microvmm's version (microvmm/version.py; imported when asked for)."""
+    from microvmm.version import package_version as version
+    return version()
 
 
 RUN_EXAMPLES = """usage with a guest command: microvmm run [options] -- CMD [ARGS...]
@@ -125,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(64M = 64MiB = 64MB); a bare number is MiB, e.g. --mem 256M")
     run.add_argument("--cpus", metavar="N", type=int, default=1,
                      help="number of vCPUs, one host thread each (default 1), e.g. --cpus 2")
-    run.add_argument("--serial", metavar="stdio|file:PATH|off", default="stdio",
-                     help="where the COM1 UART goes (default stdio), e.g. --serial file:boot.log")
+    run.add_argument("--serial", metavar="BACKEND", default="stdio",
+                     help="where the COM1 UART goes: stdio (default), pty, file:PATH, tty:PATH, "
+                          "socket:PATH:server|client or off, e.g. --serial file:boot.log")
     run.add_argument("--console", metavar="SPEC", action="append", default=[],
                      help="a virtio-console port, ACRN syntax "
                           "[@]stdio|tty|pty|file|socket:NAME[=PATH][:server|client]; "
@@ -258,6 +250,9 @@ def _config_from_args(args: argparse.Namespace):
     if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
                          "use --serial off or --serial file:PATH")
+    if serial.kind == "socket" and any(p.path is not None and p.backend.value == "socket"
+                                       and p.path == str(serial.path) for p in ports):
+        raise UsageError(f"--serial {serial.text}: the socket path is a console port's too")
     if args.expect_port is not None and args.expect_port != "serial" and \
             args.expect_port not in {p.name for p in ports}:
         raise UsageError(f"--expect-port {args.expect_port!r}: no such port (use 'serial' or a --console name)")

@@ -53,20 +53,39 @@ def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] 
     return merged
 
 
+#: --serial's forms, as `microvmm run --help` and the error say them.
+SERIAL_SYNTAX = "stdio, pty, file:PATH, tty:PATH, socket:PATH:server, socket:PATH:client or off"
+
+
 @dataclass(frozen=True)
 class SerialConfig:
-    """Where COM1 goes: 'stdio', 'file' (with path) or 'off'."""
+    """Where COM1 goes: 'stdio', 'off', 'pty', or a backend with a path:
+    'file', 'tty', 'socket' (with `socket_mode` 'server' or 'client')."""
 
     kind: str
     path: Path | None = None
+    socket_mode: str | None = None
+
+    @property
+    def text(self) -> str:
+        """As the user wrote it (for messages)."""
+        parts = [self.kind] + ([str(self.path)] if self.path is not None else [])
+        return ":".join(parts + ([self.socket_mode] if self.socket_mode else []))
 
     @classmethod
     def parse(cls, text: str) -> "SerialConfig":
-        if text in ("stdio", "off"):
+        if text in ("stdio", "off", "pty"):
             return cls(text)
-        if text.startswith("file:") and len(text) > 5:
-            return cls("file", Path(text[5:]))
-        raise ValueError(f"--serial {text!r}: expected stdio, file:PATH or off")
+        kind, _, rest = text.partition(":")
+        if kind in ("file", "tty") and rest:
+            return cls(kind, Path(rest))
+        if kind == "socket":
+            path, _, mode = rest.rpartition(":")
+            if path and mode in ("server", "client"):
+                return cls(kind, Path(path), mode)
+            raise ValueError(f"--serial {text!r}: a socket needs a path and ':server' or ':client', "
+                             "e.g. socket:/tmp/serial.sock:server")
+        raise ValueError(f"--serial {text!r}: expected {SERIAL_SYNTAX}")
 
 
 @dataclass

@@ -127,9 +127,10 @@ def _vmm_with(monkeypatch, *runners: _FakeRunner):
     from pathlib import Path
 
     from microvmm import vmm as vmm_module
+    from microvmm.run import halt as halt_module
     from microvmm.vmconfig import VmConfig
-    monkeypatch.setattr(vmm_module, "HALT_CONFIRM_SECONDS", 1.0)
-    monkeypatch.setattr(vmm_module, "HALT_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(halt_module, "HALT_CONFIRM_SECONDS", 1.0)
+    monkeypatch.setattr(halt_module, "HALT_POLL_SECONDS", 0.01)
     vmm = vmm_module.Vmm(VmConfig(kernel=Path("vmlinux"), initrd=None, cmdline="console=ttyS0"))
     vmm.runners = list(runners)
     return vmm
@@ -144,7 +145,7 @@ def test_vmm_ends_the_run_when_every_vcpu_stopped_for_good(monkeypatch, line, re
     bsp, ap = _FakeRunner([False, True]), _FakeRunner([True])  # the BSP still on its way to HLT
     vmm = _vmm_with(monkeypatch, bsp, ap)
     vmm.monitor.feed("serial", f"[   12.3] reboot: {line}\r\n".encode())
-    vmm._halt_check.join(5)
+    vmm._halt.thread.join(5)
     assert vmm._stop is not None and vmm._stop.reason is StopReason[reason]
     assert bsp.asked >= 3  # not at the first look: halted twice in a row
     outcome = vmm._outcome()
@@ -159,10 +160,10 @@ def test_vmm_goes_on_when_a_vcpu_keeps_running(monkeypatch):
         vmm = _vmm_with(monkeypatch, *runners)
         # typed at a shell that shares the kernel's console: not the kernel's form, not even looked at
         vmm.monitor.feed("serial", b"microvmm# echo 'reboot: System halted'\r\nreboot: System halted\r\n")
-        assert vmm._halt_check is None
+        assert vmm._halt.thread is None
         # the kernel's form (or such a line printed with a timestamp): the vCPUs are looked at
         vmm.monitor.feed("serial", b"[   12.345678] reboot: System halted\r\n")
-        vmm._halt_check.join(5)
-        assert not vmm._halt_check.is_alive()
+        vmm._halt.thread.join(5)
+        assert not vmm._halt.thread.is_alive()
         assert vmm._stop is None and not vmm._stopped.is_set()
     assert running.asked > 10  # it kept looking for the whole window

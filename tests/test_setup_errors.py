@@ -51,7 +51,8 @@ def test_an_existing_log_is_kept_after_a_setup_error(tmp_path):
 def test_results_hold_rounded_durations_and_an_absolute_log(tmp_path, monkeypatch):
     from microvmm.exitcodes import ExitCode
     from microvmm.vmconfig import VmConfig
-    from microvmm.vmm import VmOutcome, _write_results
+    from microvmm.run.outcome import VmOutcome
+    from microvmm.run.results_files import write_results as _write_results
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.log").write_text("x\n")
     config = VmConfig(kernel=Path("vmlinux"), initrd=None, cmdline="console=ttyS0",

@@ -312,7 +312,7 @@ class PtyBackend(PortBackend):
     kind = BackendKind.PTY
 
     def __init__(self, name: str, announce: TextIO | None = None,
-                 monitor_interval: float = DEFAULT_MONITOR_INTERVAL):
+                 monitor_interval: float = DEFAULT_MONITOR_INTERVAL, what: str = "virt-console backend"):
         super().__init__(name, monitor_interval)
         try:
             master, slave = os.openpty()
@@ -327,7 +327,7 @@ class PtyBackend(PortBackend):
         self._master = master
         self._size = self.terminal_size()
         stream = sys.stderr if announce is None else announce
-        print(f"virt-console backend redirected to {self.path}", file=stream, flush=True)
+        print(f"{what} redirected to {self.path}", file=stream, flush=True)
 
     def _input_fd(self) -> int | None:
         return self._master

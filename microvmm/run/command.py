@@ -1,0 +1,23 @@
+"""`-- CMD` runs: the command travels as the file /microvmm.cmd of a small cpio
+archive put before the initramfs (and, when it fits, base64 on the kernel
+command line: vmconfig.kernel_cmdline); its output and status come back on
+three named console ports (guest/README.md)."""
+
+from __future__ import annotations
+
+COMMAND_FILE = "microvmm.cmd"
+COMMAND_STDOUT_PORT = "microvmm.stdout"
+COMMAND_STDERR_PORT = "microvmm.stderr"
+COMMAND_STATUS_PORT = "microvmm.status"
+
+
+def command_script(argv: list[str]) -> bytes:
+    """The command as the guest's shell runs it: shell-quoted, one line."""
+    import shlex  # deferred: only `-- CMD` runs need it (issue 6)
+    return (shlex.join(argv) + "\n").encode()
+
+
+def parse_command_status(data: bytes) -> int | None:
+    """The status port's text as an exit status (0-255), or None if it is no number."""
+    text = data.decode(errors="replace").strip()
+    return int(text) & 0xFF if text.isdigit() else None
