@@ -19,15 +19,19 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from microvmm.diag.live import LiveDiagnostics
 from microvmm.exitcodes import ExitCode
-from microvmm.hostinfo import HostKind, emulated_smp_note
+from microvmm.host.announce import announce_host, announce_payload_workaround
 from microvmm.run.command import (COMMAND_FILE, COMMAND_STATUS_PORT, COMMAND_STDERR_PORT,  # noqa: F401
                                   COMMAND_STDOUT_PORT, command_script, parse_command_status)
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog,  # noqa: F401
                                      plan_kernel_console)
+from microvmm.run.created_files import CreatedFiles
 from microvmm.run.outcome import RunEnd, VmOutcome, classify, no_driver_hint
+from microvmm.run.report import report_run
 from microvmm.run.serial_console import SerialConsole, SerialConsoleError
+from microvmm.run.timeouts import expired_timeout
 from microvmm.run_monitor import Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
@@ -72,13 +76,16 @@ class Vmm:
         self._console_transport = None
         self._status_port = None
         self._serial_batch = None
-        # Made by the device build (_build_devices, _attach_console).
+        # Made by the build (_build_vm, _build_devices, _attach_console).
+        self._serial_sink: SerialConsole | None = None
+        self._kernel_log_sink = None
+        self._port_backends: list = []
         self.io_bus = self.mmio_bus = None
         self._watch_winch = False
         self._log_file = None
         #: Files this run created (--log, --serial file:): removed again if
         #: setup fails before anything was written to them.
-        self._created_files: list[str] = []
+        self.created_files = CreatedFiles()
         if config.log:
             self._note_creation(config.log)
             try:
@@ -101,24 +108,17 @@ class Vmm:
         self._timeout_kind: str | None = None
         self._timeout_report = ""
         self._expect_seen = False
-        self._symbols: SymbolMap | KaslrSymbols | None = None
-        self._symbols_loaded = False
+        self.diagnostics = LiveDiagnostics(config, lambda: self.memory, lambda: self.runners,
+                                           lambda: self.serial_console.raw_terminal)
 
     # -- lifecycle ------------------------------------------------------------
 
     def _note_creation(self, path) -> None:
-        if not os.path.lexists(path):
-            self._created_files.append(os.fspath(path))
+        self.created_files.note(path)
 
     def remove_created_files(self) -> None:
         """After a setup error: take away the (still empty) files this run created."""
-        for path in self._created_files:
-            try:
-                if os.stat(path, follow_symlinks=False).st_size == 0:
-                    os.unlink(path)
-            except OSError:
-                pass
-        self._created_files.clear()
+        self.created_files.remove_empty()
 
     def run(self, preparation: VmPreparation | None = None) -> VmOutcome:
         """Run the VM to its end. `preparation` (VmPreparation(config), started
@@ -130,8 +130,8 @@ class Vmm:
                 self._preparation = preparation = VmPreparation(self.config)
             self.memory = preparation.memory
             kind, reason = preparation.host
-            self.quirks = quirks = preparation.quirks
-            self._announce_host(kind, reason)
+            quirks = preparation.quirks
+            announce_host(kind, reason, quirks, self.config.cpus)
             # Handlers first: a signal during setup must clean up like any other
             # stop (socket files, terminal), not kill the process half-built.
             self._install_signal_handlers()
@@ -162,20 +162,11 @@ class Vmm:
         # filter refuses) once it is about to enter the guest.
         for runner in self.runners:
             runner.wait_entering_guest(5.0)
-        from microvmm.seccomp import FilterAction, SeccompError, install_filter
-        client = (self.config.serial.socket_mode == "client"
-                  or any(p.backend.value == "socket" and p.socket_mode is not None
-                         and p.socket_mode.value == "client" for p in self.config.ports))
+        from microvmm.host.syscall_filter import SyscallFilterError, install_run_filter
         try:
-            # A socket client port reconnects; result and profile files are
-            # created only when the VM has stopped.
-            install_filter(extra_allowed=("socket", "connect") if client else (),
-                           action=FilterAction(self.config.seccomp),
-                           allow_write_open=bool(self.config.json or self.config.junit
-                                                 or self.config.profile))
-        except SeccompError as err:
-            raise VmmError(f"--seccomp: {err}") from err
-        logger.info("seccomp filter installed (%s)", self.config.seccomp)
+            install_run_filter(self.config)
+        except SyscallFilterError as err:
+            raise VmmError(str(err)) from err
 
     def _install_signal_handlers(self) -> None:
         signal.signal(KICK_SIGNAL, lambda *_: None)
@@ -183,37 +174,8 @@ class Vmm:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
 
-    def _announce_host(self, kind: HostKind, reason: str) -> None:
-        if kind is HostKind.HARDWARE:
-            return
-        if self.quirks.active:
-            hidden = self.quirks.hidden_kvm_pv_features.name  # "A|B", None when empty
-            print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
-                  "boot takes minutes, not milliseconds; applying host workarounds (extra command "
-                  "line options, #BP for int3, skipping fwait, a bzImage's payload decompressed "
-                  f"on the host, KVM PV features using hypercalls hidden: {hidden or 'none'}). "
-                  "--no-host-workarounds turns them off.",
-                  file=sys.stderr)
-        else:
-            print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated and slow; "
-                  "host workarounds are off.", file=sys.stderr)
-        note = emulated_smp_note(self.config.cpus, os.cpu_count())
-        if note:
-            print(f"microvmm: {note}.", file=sys.stderr)
-
-    @staticmethod
-    def _announce_payload_workaround(boot) -> None:
-        """Say that (or why not) a bzImage was booted as its host-decompressed ELF."""
-        if boot.payload_format is not None:
-            logger.warning(
-                "host workaround: bzImage: %s payload (%.1f MB ELF) decompressed on the host in "
-                "%.2f s, booted at its ELF entry; the guest's decompressor would run emulated "
-                "(--no-host-workarounds keeps it)", boot.payload_format,
-                boot.payload_elf_size / 1e6, boot.payload_decompress_seconds)
-        elif boot.payload_fallback_reason is not None:
-            logger.warning(
-                "host workaround: bzImage: not applied: %s; the guest's own decompressor runs "
-                "emulated, which takes tens of seconds to minutes here", boot.payload_fallback_reason)
+    #: (called by _build_vm)
+    _announce_payload_workaround = staticmethod(announce_payload_workaround)
 
     def _build_vm(self, quirks) -> None:
         """What must exist before vCPU 0's first KVM_RUN: the VM with its in-kernel
@@ -540,20 +502,11 @@ class Vmm:
         vcpu.run = first_run
 
     def _wait(self) -> None:
-        config = self.config
         while not self._stopped.wait(0.2):
-            now = time.monotonic()
-            expired = None
-            if config.timeout is not None and now - self.start_time > config.timeout:
-                expired = f"--timeout {config.timeout:g} s expired"
-            elif (config.boot_timeout is not None and self.monitor.boot_time is None
-                  and now - self.start_time > config.boot_timeout):
-                expired = f"--boot-timeout {config.boot_timeout:g} s expired before the guest reached init"
-            elif config.idle_timeout is not None and now - self.monitor.last_output > config.idle_timeout:
-                expired = f"--idle-timeout: no console output for {config.idle_timeout:g} s"
+            expired = expired_timeout(self.config, self.start_time, self.monitor, time.monotonic())
             if expired:
                 self._timeout_kind = expired
-                self._timeout_report = self._where_report()
+                self._timeout_report = self.diagnostics.where()
                 self._request_stop(VcpuStop(StopReason.SHUTDOWN, "timeout", fatal=False))
                 break
 
@@ -641,7 +594,7 @@ class Vmm:
                 self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
             elif command == "help":
                 from microvmm.terminal import ESCAPE_HELP
-                self._print_report(ESCAPE_HELP)
+                self.diagnostics.print(ESCAPE_HELP)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._signal = signum
@@ -649,21 +602,7 @@ class Vmm:
                                     fatal=False))
 
     def _on_dump_request(self, _signum: int, _frame) -> None:
-        threading.Thread(target=lambda: self._print_report(self._where_report()),
-                         name="microvmm-dump", daemon=True).start()
-
-    def _where_report(self) -> str:
-        from microvmm.diag.report import format_snapshot  # deferred: diagnostics only
-        parts = []
-        for runner in self.runners:
-            snapshot = runner.request_snapshot()
-            parts.append(format_snapshot(snapshot, self.symbols) if snapshot
-                         else f"vCPU {runner.index}: not responding")
-        return "\n".join(parts)
-
-    def _print_report(self, text: str) -> None:
-        out = text.replace("\n", "\r\n") if self.serial_console.raw_terminal else text
-        os.write(sys.stderr.fileno(), (out + ("\r\n" if "\r\n" in out else "\n")).encode())
+        self.diagnostics.print_where_soon()
 
     # -- outcome --------------------------------------------------------------
 
@@ -681,25 +620,11 @@ class Vmm:
             early_reset_hint=early_reset, expect=self.config.expect, expect_seen=self._expect_seen,
             expect_time=self.monitor.expect_time, expect_line=self.monitor.expect_line,
             command=self.config.command is not None, command_status=status,
-            no_driver_hint=no_driver_hint(self._console_transport), describe_stop=self._describe_stop))
-
-    def _describe_stop(self, stop: VcpuStop) -> list[str]:
-        from microvmm.diag.report import format_last_seen, format_snapshot  # deferred
-        if stop.snapshot:
-            return [format_snapshot(stop.snapshot, self.symbols)]
-        if stop.vcpu_reset and stop.last_seen:
-            return [format_last_seen(stop.last_seen, self.symbols)]
-        return []
+            no_driver_hint=no_driver_hint(self._console_transport), describe_stop=self.diagnostics.describe_stop))
 
     @property
     def symbols(self) -> SymbolMap | KaslrSymbols | None:
-        """The kernel's System.map, parsed on first use: only diagnostics and
-        the profiler need it, and parsing costs ~20 ms of start-up."""
-        if not self._symbols_loaded:
-            from microvmm.diag.guest_symbols import load_running_symbols
-            self._symbols_loaded = True
-            self._symbols = load_running_symbols(self.config, lambda: self.memory, lambda: self.runners)
-        return self._symbols
+        return self.diagnostics.symbols
 
     # -- callbacks the device wiring hands on -----------------------------------
 
@@ -756,14 +681,8 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
             vmm.remove_created_files()
-    if vmm is not None and vmm.serial_console.unfinished_stdout_line:
-        print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
-    if outcome.report:
-        print(outcome.report, file=sys.stderr)
-    if config.stats and vmm is not None and vmm.mmio_bus is not None:
-        print(vmm.exit_statistics(), file=sys.stderr)
-    print(f"microvmm: {outcome.summary}", file=sys.stderr)
-    if config.json or config.junit:
-        from microvmm.run.results_files import write_results
-        write_results(config, vmm, outcome, time.monotonic() - started, version)
+    statistics = vmm.exit_statistics if vmm is not None and vmm.mmio_bus is not None else None
+    report_run(config, vmm, outcome, time.monotonic() - started, version,
+               unfinished_line=vmm is not None and vmm.serial_console.unfinished_stdout_line,
+               statistics=statistics)
     return outcome.exit_code
