@@ -24,6 +24,8 @@ from microvmm.exitcodes import ExitCode
 from microvmm.host.announce import announce_host, announce_payload_workaround
 from microvmm.run.command import (COMMAND_FILE, COMMAND_STATUS_PORT, COMMAND_STDERR_PORT,  # noqa: F401
                                   COMMAND_STDOUT_PORT, command_script, parse_command_status)
+from microvmm.run.first_run_hook import (EXIT_AT_FIRST_RUN_ENV, exit_at_first_run,  # noqa: F401
+                                         exit_at_first_run_wanted)
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog,  # noqa: F401
                                      plan_kernel_console)
@@ -52,8 +54,6 @@ FIRST_PCI_INTX_GSI = 16
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
-#: Set to "1" to stop right at the first KVM_RUN (startup benchmark; see _exit_at_first_run).
-EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
 
 
 class Vmm:
@@ -260,30 +260,15 @@ class Vmm:
         return bool(self.config.ports) or self.config.command is not None or self.kernel_console.kmsg
 
     def _open_port_backends(self) -> list:
-        """The user's console ports' backends (a socket file, a pty...), opened
-        while nothing runs yet so that a failure ends the VMM before the guest starts."""
         if not self.config.ports:
             return []
-        from microvmm.virtio_console import BackendError, create_backend
-
-        from microvmm.terminal import EscapeFilter  # deferred: termios, only with console ports
-        escape = EscapeFilter()
-
-        def stdio_filter(data: bytes) -> bytes:
-            data, commands = escape.feed(data)
-            self._escape_commands(commands)
-            return data
-
-        ports = []
+        from microvmm.run.port_backends import open_port_backends
+        from microvmm.virtio_console import BackendError
         try:
-            for spec in self.config.ports:
-                backend = create_backend(spec, sys.stderr, stdio_filter)
-                self._closers.append(backend.close)
-                ports.append((spec, backend))
+            return open_port_backends(self.config.ports, self._escape_commands,
+                                      lambda backend: self._closers.append(backend.close))
         except BackendError as err:
             raise VmmError(str(err)) from err
-        return ports
-
 
     def _build_devices(self) -> None:
         """Everything the guest needs only later, built while vCPU 0 runs: the
@@ -463,8 +448,9 @@ class Vmm:
 
     def _start_vcpus(self) -> None:
         self.start_time = time.monotonic()
-        if os.environ.get(EXIT_AT_FIRST_RUN_ENV) == "1":
-            self._exit_at_first_run(self.runners[0].vcpu)
+        if exit_at_first_run_wanted():  # the start-up benchmark
+            exit_at_first_run(self.runners[0].vcpu, lambda why: self._request_stop(
+                VcpuStop(StopReason.SHUTDOWN, why, fatal=False)))
         for runner in self.runners:
             runner.start()
         # Let vCPU 0 into the guest before this thread takes the GIL for the device build.
@@ -485,21 +471,6 @@ class Vmm:
             self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,
                                           rate_hz=self.config.profile_rate)
             self.profiler.start()
-
-    def _exit_at_first_run(self, vcpu) -> None:
-        """Benchmark hook (bench/, MICROVMM_EXIT_AT_FIRST_RUN=1): print the wall-clock
-        time (time.time()) just before vCPU 0's first KVM_RUN, issue that KVM_RUN with
-        immediate_exit set, and end the run there. Startup latency is measured by the
-        parent against its own time.time() before it spawned us."""
-        run = vcpu.run
-
-        def first_run() -> int:
-            now = time.time()
-            vcpu.run = run
-            print(f"microvmm: first KVM_RUN at {now:.6f}", file=sys.stderr, flush=True)
-            self._request_stop(VcpuStop(StopReason.SHUTDOWN, f"{EXIT_AT_FIRST_RUN_ENV}=1", fatal=False))
-            return run()
-        vcpu.run = first_run
 
     def _wait(self) -> None:
         while not self._stopped.wait(0.2):
