@@ -30,7 +30,7 @@ def command_parameter(argv: list[str]) -> str:
 
 
 #: A `-- CMD` goes on the command line too only up to this length in all
-#: (it always travels in the initramfs: vmm.COMMAND_FILE).
+#: (it always travels in the initramfs: run/command.COMMAND_FILE).
 COMMAND_PARAM_CMDLINE_LIMIT = 1536
 
 
@@ -96,7 +96,7 @@ class VmConfig:
     initrd: Path | None
     cmdline: str
     #: True when microvmm chooses the kernel's console (no --cmdline): the
-    #: VMM adds console= (vmm.plan_kernel_console).
+    #: VMM adds console= (run/kernel_log.plan_kernel_console).
     default_console: bool = False
     mem_size: int = 64 << 20
     cpus: int = 1

@@ -24,12 +24,12 @@ from microvmm.exitcodes import ExitCode
 from microvmm.host.announce import announce_host, announce_payload_workaround
 from microvmm.run.command import (COMMAND_FILE, COMMAND_STATUS_PORT, COMMAND_STDERR_PORT,  # noqa: F401
                                   COMMAND_STDOUT_PORT, command_script, parse_command_status)
+from microvmm.run.created_files import CreatedFiles
 from microvmm.run.first_run_hook import (EXIT_AT_FIRST_RUN_ENV, exit_at_first_run,  # noqa: F401
                                          exit_at_first_run_wanted)
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog,  # noqa: F401
                                      plan_kernel_console)
-from microvmm.run.created_files import CreatedFiles
 from microvmm.run.outcome import RunEnd, VmOutcome, classify, no_driver_hint
 from microvmm.run.report import report_run
 from microvmm.run.serial_console import SerialConsole, SerialConsoleError

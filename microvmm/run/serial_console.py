@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 
 #: Most output bytes kept for a backend that does not take them (yet).
 OUTPUT_BACKLOG = 256 << 10
-#: At the end, how long the last output may take to leave.
-FINAL_DRAIN_SECONDS = 1.0
+#: At the end, how long the last output may take to leave (a reader that
+#: takes nothing for that long is not waited for).
+FINAL_DRAIN_SECONDS = 5.0
+#: Writes per drain at most, so that a fast sink cannot hold the I/O thread.
+_WRITES_PER_DRAIN = 256
 _READ_CHUNK = 4096
 
 
@@ -248,7 +251,9 @@ class SerialConsole:
             self._drain_posted = False
         if self.backend is None or self._closed:
             return
-        self._write_some()
+        for _ in range(_WRITES_PER_DRAIN):  # until the sink would block (a write is PIPE_BUF at most)
+            if not self._write_some():
+                break
         with self._lock:
             self.backend.set_write_interest(bool(self._out) and self.backend.connected)
 
