@@ -31,7 +31,7 @@ import time
 
 from common import REPO, median, report
 
-HOOK_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"  # microvmm.vmm.EXIT_AT_FIRST_RUN_ENV
+HOOK_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"  # microvmm.run.first_run_hook.EXIT_AT_FIRST_RUN_ENV
 FIRST_RUN = re.compile(r"first KVM_RUN at ([0-9.]+)")
 IMAGES = os.environ.get("MICROVMM_IMAGES", str(REPO / "images"))
 DEFAULT_RUN = ["--kernel", f"{IMAGES}/vmlinux", "--initrd", f"{IMAGES}/initramfs.cpio"]

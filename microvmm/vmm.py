@@ -76,11 +76,12 @@ class Vmm:
         self._console_transport = None
         self._status_port = None
         self._serial_batch = None
-        # Made by the build (_build_vm, _build_devices, _attach_console).
+        # Made by _build_vm and _attach_console.
         self._serial_sink: SerialConsole | None = None
         self._kernel_log_sink = None
         self._port_backends: list = []
-        self.io_bus = self.mmio_bus = None
+        #: The port-I/O and MMIO buses, once the devices are built (--stats).
+        self.buses: tuple = ()
         self._watch_winch = False
         self._log_file = None
         #: Files this run created (--log, --serial file:): removed again if
@@ -146,7 +147,8 @@ class Vmm:
                 except BaseException:
                     self._gate.fail()
                     raise
-                self._gate.open(self.io_bus, self.mmio_bus)
+                self.buses = (self.io_bus, self.mmio_bus)
+                self._gate.open(*self.buses)
                 self._start_io()
                 self._install_seccomp()
                 self._wait()
@@ -520,7 +522,7 @@ class Vmm:
     def exit_statistics(self) -> str:
         """Exits by reason and port/MMIO accesses by device (--stats, --profile)."""
         from microvmm.run.stats import exit_statistics
-        return exit_statistics(self.runners, [bus for bus in (self.io_bus, self.mmio_bus) if bus is not None])
+        return exit_statistics(self.runners, self.buses)
 
     # -- stop paths -----------------------------------------------------------
 
@@ -652,7 +654,7 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
             vmm.remove_created_files()
-    statistics = vmm.exit_statistics if vmm is not None and vmm.mmio_bus is not None else None
+    statistics = vmm.exit_statistics if vmm is not None and vmm.buses else None
     report_run(config, vmm, outcome, time.monotonic() - started, version,
                unfinished_line=vmm is not None and vmm.serial_console.unfinished_stdout_line,
                statistics=statistics)
