@@ -21,19 +21,14 @@ from typing import TYPE_CHECKING
 
 from microvmm.diag.live import LiveDiagnostics
 from microvmm.exitcodes import ExitCode
-from microvmm.host.announce import announce_host, announce_payload_workaround
+from microvmm.hostinfo import HostKind
 from microvmm.run.command import (COMMAND_FILE, COMMAND_STATUS_PORT, COMMAND_STDERR_PORT,  # noqa: F401
                                   COMMAND_STDOUT_PORT, command_script, parse_command_status)
 from microvmm.run.created_files import CreatedFiles
-from microvmm.run.first_run_hook import (EXIT_AT_FIRST_RUN_ENV, exit_at_first_run,  # noqa: F401
-                                         exit_at_first_run_wanted)
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog,  # noqa: F401
                                      plan_kernel_console)
-from microvmm.run.outcome import RunEnd, VmOutcome, classify, no_driver_hint
-from microvmm.run.report import report_run
 from microvmm.run.serial_console import SerialConsole, SerialConsoleError
-from microvmm.run.timeouts import expired_timeout
 from microvmm.run_monitor import Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
@@ -41,6 +36,7 @@ from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
     from microvmm.diag.symbols import KaslrSymbols, SymbolMap
+    from microvmm.run.outcome import VmOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +50,8 @@ FIRST_PCI_INTX_GSI = 16
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
+#: Set to "1" to stop right at the first KVM_RUN (the start-up benchmark: run/first_run_hook.py).
+EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
 
 
 class Vmm:
@@ -132,7 +130,9 @@ class Vmm:
             self.memory = preparation.memory
             kind, reason = preparation.host
             quirks = preparation.quirks
-            announce_host(kind, reason, quirks, self.config.cpus)
+            if kind is not HostKind.HARDWARE:
+                from microvmm.host.announce import announce_host
+                announce_host(kind, reason, quirks, self.config.cpus)
             # Handlers first: a signal during setup must clean up like any other
             # stop (socket files, terminal), not kill the process half-built.
             self._install_signal_handlers()
@@ -176,8 +176,10 @@ class Vmm:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._previous_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_dump_request)
 
-    #: (called by _build_vm)
-    _announce_payload_workaround = staticmethod(announce_payload_workaround)
+    @staticmethod
+    def _announce_payload_workaround(boot) -> None:
+        from microvmm.host.announce import announce_payload_workaround
+        announce_payload_workaround(boot)
 
     def _build_vm(self, quirks) -> None:
         """What must exist before vCPU 0's first KVM_RUN: the VM with its in-kernel
@@ -450,7 +452,8 @@ class Vmm:
 
     def _start_vcpus(self) -> None:
         self.start_time = time.monotonic()
-        if exit_at_first_run_wanted():  # the start-up benchmark
+        if os.environ.get(EXIT_AT_FIRST_RUN_ENV) == "1":  # the start-up benchmark
+            from microvmm.run.first_run_hook import exit_at_first_run
             exit_at_first_run(self.runners[0].vcpu, lambda why: self._request_stop(
                 VcpuStop(StopReason.SHUTDOWN, why, fatal=False)))
         for runner in self.runners:
@@ -475,6 +478,7 @@ class Vmm:
             self.profiler.start()
 
     def _wait(self) -> None:
+        from microvmm.run.timeouts import expired_timeout
         while not self._stopped.wait(0.2):
             expired = expired_timeout(self.config, self.start_time, self.monitor, time.monotonic())
             if expired:
@@ -580,6 +584,7 @@ class Vmm:
     # -- outcome --------------------------------------------------------------
 
     def _outcome(self) -> VmOutcome:
+        from microvmm.run.outcome import RunEnd, classify, no_driver_hint
         self.monitor.flush_log()
         elapsed = time.monotonic() - (self.start_time or time.monotonic())
         early_reset = None
@@ -651,9 +656,11 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
                 preparation.close()  # no run took it over
         outcome = vmm.run(preparation)
     except (KvmUnavailableError, VmmError, BootError, KvmError) as err:
+        from microvmm.run.outcome import VmOutcome
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
             vmm.remove_created_files()
+    from microvmm.run.report import report_run
     statistics = vmm.exit_statistics if vmm is not None and vmm.buses else None
     report_run(config, vmm, outcome, time.monotonic() - started, version,
                unfinished_line=vmm is not None and vmm.serial_console.unfinished_stdout_line,

@@ -10,7 +10,7 @@ import sys
 
 from microvmm.hostinfo import HostKind, emulated_smp_note
 
-logger = logging.getLogger("microvmm.vmm")  # where users and tests have always seen these
+logger = logging.getLogger(__name__)
 
 
 def announce_host(kind: HostKind, reason: str, quirks, cpus: int) -> None:
