@@ -86,7 +86,7 @@ class Vmm:
         #: setup fails before anything was written to them.
         self.created_files = CreatedFiles()
         if config.log:
-            self._note_creation(config.log)
+            self.created_files.note(config.log)
             try:
                 self._log_file = open(config.log, "a", encoding="utf-8")
             except OSError as err:
@@ -111,13 +111,6 @@ class Vmm:
                                            lambda: self.serial_console.raw_terminal)
 
     # -- lifecycle ------------------------------------------------------------
-
-    def _note_creation(self, path) -> None:
-        self.created_files.note(path)
-
-    def remove_created_files(self) -> None:
-        """After a setup error: take away the (still empty) files this run created."""
-        self.created_files.remove_empty()
 
     def run(self, preparation: VmPreparation | None = None) -> VmOutcome:
         """Run the VM to its end. `preparation` (VmPreparation(config), started
@@ -439,7 +432,7 @@ class Vmm:
         """The serial console's backend when a user's path names it (a file,
         pty, socket): opened here, before the guest runs, so that it fails then."""
         if self.config.serial.kind == "file":
-            self._note_creation(self.config.serial.path)
+            self.created_files.note(self.config.serial.path)
         try:
             self.serial_console.open()
         except SerialConsoleError as err:
@@ -659,7 +652,7 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         from microvmm.run.outcome import VmOutcome
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
-            vmm.remove_created_files()
+            vmm.created_files.remove_empty()  # a setup error: no empty files left behind
     from microvmm.run.report import report_run
     statistics = vmm.exit_statistics if vmm is not None and vmm.buses else None
     report_run(config, vmm, outcome, time.monotonic() - started, version,
