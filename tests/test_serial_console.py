@@ -214,3 +214,22 @@ def test_a_command_run_shows_no_serial_line_on_its_stdout():
     console.output(b"not shown\n")
     assert not console.unfinished_stdout_line
     console.close()
+
+
+def test_tty_serial_uses_an_existing_terminal_in_raw_mode_and_restores_it():
+    import termios
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    before = termios.tcgetattr(slave)
+    uart = FakeUart()
+    console, loop = started(SerialConfig("tty", Path(path)), uart)
+    try:
+        assert termios.tcgetattr(slave) != before  # raw while the guest runs
+        assert read_exact(master, 17, 10, "tty") == b"early boot line\r\n"  # no \n -> \r\r\n: raw
+        assert type_and_collect(loop, console, uart, lambda data: os.write(master, data), b"ls\r") == b"ls\r"
+    finally:
+        console.close()
+        loop.close()
+    assert termios.tcgetattr(slave) == before
+    os.close(master)
+    os.close(slave)
