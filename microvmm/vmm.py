@@ -91,13 +91,19 @@ class Vmm:
                 self._log_file = open(config.log, "a", encoding="utf-8")
             except OSError as err:
                 raise VmmError(f"--log {config.log}: {err.strerror}") from err
+        #: `--ktap`: the command's stdout read as KTAP/TAP as it comes (run.ktap).
+        self.ktap = None
+        if config.ktap:
+            from microvmm.run.ktap import KtapCollector
+            self.ktap = KtapCollector()
         self._halt = HaltConfirmation(lambda: self.runners, self._stopped, lambda: self._stop is not None,
                                       self._guest_ended)
         self.monitor = RunMonitor(
             log=self._log_file, fail_on=config.fail_on,
             expect=re.compile(config.expect.encode()) if config.expect else None,
             expect_port=config.expect_port, on_failure=self._guest_failed,
-            on_expect=self._expected_output, on_kernel_stop=self._halt.kernel_stopping)
+            on_expect=self._expected_output, on_kernel_stop=self._halt.kernel_stopping,
+            taps={COMMAND_STDOUT_PORT: self.ktap.feed} if self.ktap else None)
         #: Seconds since the monitor started when the first stop was asked for.
         self.stopped_at: float | None = None
         self.kernel_console = KernelConsolePlan(False, (), self.monitor.kernel_log)
@@ -653,9 +659,13 @@ def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:
         outcome = VmOutcome(ExitCode.VMM_ERROR, f"error: {err}", setup_error=True)
         if vmm is not None:
             vmm.created_files.remove_empty()  # a setup error: no empty files left behind
+    ktap = None
+    if vmm is not None and vmm.ktap is not None and not outcome.setup_error:
+        from microvmm.run.ktap import judge_outcome
+        ktap, outcome = judge_outcome(vmm.ktap, outcome, vmm.monitor.last_lines(40))
     from microvmm.run.report import report_run
     statistics = vmm.exit_statistics if vmm is not None and vmm.buses else None
     report_run(config, vmm, outcome, time.monotonic() - started, version,
                unfinished_line=vmm is not None and vmm.serial_console.unfinished_stdout_line,
-               statistics=statistics)
+               statistics=statistics, ktap=ktap)
     return outcome.exit_code

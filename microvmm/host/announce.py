@@ -19,11 +19,9 @@ def announce_host(kind: HostKind, reason: str, quirks, cpus: int) -> None:
     if kind is HostKind.HARDWARE:
         return
     if quirks.active:
-        hidden = quirks.hidden_kvm_pv_features.name  # "A|B", None when empty
+        applied = "; ".join(quirk.message for quirk in quirks.applied)
         print(f"microvmm: emulating KVM host ({reason}): guest kernel code is emulated, a Linux "
-              "boot takes minutes, not milliseconds; applying host workarounds (extra command "
-              "line options, #BP for int3, skipping fwait, a bzImage's payload decompressed "
-              f"on the host, KVM PV features using hypercalls hidden: {hidden or 'none'}). "
+              f"boot takes minutes, not milliseconds; applying host workarounds ({applied}). "
               "--no-host-workarounds turns them off.",
               file=sys.stderr)
     else:

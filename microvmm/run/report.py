@@ -13,9 +13,11 @@ if TYPE_CHECKING:
 
 
 def report_run(config: "VmConfig", run: "FinishedRun | None", outcome: "VmOutcome", duration: float,
-               version: str | None, *, unfinished_line: bool, statistics: Callable[[], str] | None) -> None:
+               version: str | None, *, unfinished_line: bool, statistics: Callable[[], str] | None,
+               ktap=None) -> None:
     """`unfinished_line`: the guest's last line on the terminal has no end (a
-    prompt); `statistics`: --stats's text, None when no devices were built."""
+    prompt); `statistics`: --stats's text, None when no devices were built;
+    `ktap`: --ktap's report (run/ktap.py), None without."""
     if unfinished_line:
         print(file=sys.stderr)  # don't glue the summary to an unfinished guest line
     if outcome.report:
@@ -25,4 +27,4 @@ def report_run(config: "VmConfig", run: "FinishedRun | None", outcome: "VmOutcom
     print(f"microvmm: {outcome.summary}", file=sys.stderr)
     if config.json or config.junit:
         from microvmm.run.results_files import write_results
-        write_results(config, run, outcome, duration, version)
+        write_results(config, run, outcome, duration, version, ktap)

@@ -19,12 +19,14 @@ class FinishedRun(Protocol):
     monitor: "RunMonitor"
     #: Seconds since the monitor started when the first stop was asked for.
     stopped_at: float | None
-    #: The kernel command line the guest got.
-    cmdline: str
+    #: The kernel command line the guest got (None before it was made).
+    cmdline: str | None
 
 
 def write_results(config: "VmConfig", run: FinishedRun | None, outcome: "VmOutcome", duration: float,
-                  version: str | None = None) -> None:
+                  version: str | None = None, ktap=None) -> None:
+    """`ktap`: --ktap's report (run/ktap.py): one result per test, and the
+    command's own exit status beside the verdict's."""
     from dataclasses import asdict
 
     from microvmm.results import RunResult, is_infrastructure_error, write_json, write_junit
@@ -47,7 +49,8 @@ def write_results(config: "VmConfig", run: FinishedRun | None, outcome: "VmOutco
         expect_s=ms(monitor.expect_time) if monitor else None,
         command_s=ms(command_s),
         command=config.command,
-        command_status=int(outcome.exit_code) if config.command is not None and outcome.exit_code < 123 else None,
+        command_status=int(outcome.exit_code if ktap is None else ktap.command_exit)
+        if config.command is not None and outcome.exit_code < 123 else None,
         # Absolute: CI collects it from elsewhere. None when a failed setup took it away again.
         log=os.path.abspath(config.log) if config.log and os.path.exists(config.log) else None,
         failures=[{**asdict(f), "level": f.level.name.lower(), "at": ms(f.at)} for f in monitor.failures]
@@ -55,6 +58,7 @@ def write_results(config: "VmConfig", run: FinishedRun | None, outcome: "VmOutco
         last_lines=monitor.last_lines(40) if monitor else [],
         infrastructure_error=outcome.setup_error or is_infrastructure_error(int(outcome.exit_code)),
         microvmm_version=version or "unknown",
+        tests=[case.as_json() for case in ktap.cases] if ktap is not None else None,
     )
     try:
         if config.json:
