@@ -5,10 +5,9 @@ three named console ports (guest/README.md)."""
 
 from __future__ import annotations
 
+from microvmm.guest_contract import COMMAND_STATUS_PORT, COMMAND_STDERR_PORT, COMMAND_STDOUT_PORT  # noqa: F401
+
 COMMAND_FILE = "microvmm.cmd"
-COMMAND_STDOUT_PORT = "microvmm.stdout"
-COMMAND_STDERR_PORT = "microvmm.stderr"
-COMMAND_STATUS_PORT = "microvmm.status"
 
 
 def command_script(argv: list[str]) -> bytes:

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from microvmm.guest_contract import KMSG_PORT  # noqa: F401  (the kernel's log port: KernelConsolePlan)
 from microvmm.run_monitor import KERNEL_LINE_FORM, KERNEL_LOG_PORT, SERIAL_PORT, KernelLogSources
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The kernel's log port (see KernelConsolePlan).
-KMSG_PORT = "microvmm.kmsg"
 #: Seconds between reads of the kernel's log from guest RAM until its port is up.
 KERNEL_LOG_POLL = 0.5
 #: Tells the default guest's init which terminal its shell and messages use.
