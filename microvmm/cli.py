@@ -61,6 +61,7 @@ examples:
   microvmm run --serial file:boot.log --append 'initcall_debug'
   microvmm run --console @stdio:con --console socket:ctl=/tmp/ctl.sock:server
   microvmm run --device virtio-console,@pty:p0,file:log=/tmp/guest.log
+  microvmm run --device virtio-console,pty:a --device virtio-console,pty:b --device virtio-rng
   microvmm run --timeout 300 -- uname -a              run a command, exit with its status
   microvmm run --expect 'init reached' --boot-timeout 120 --junit boot.xml   boot smoke test
 
@@ -123,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-console port, ACRN syntax "
                           "[@]stdio|tty|pty|file|socket:NAME[=PATH][:server|client]; "
                           "repeat for more ports, e.g. --console @pty:p0")
-    run.add_argument("--device", metavar="virtio-console,SPEC[,SPEC...]", action="append", default=[],
-                     help="ports in ACRN's device syntax, e.g. --device virtio-console,@stdio:con,pty:p1")
+    run.add_argument("--device", metavar="NAME[,OPTIONS]", action="append", default=[],
+                     help="a PCI device: virtio-console,SPEC[,SPEC...] (ACRN syntax; the first "
+                          "one shares its device with --console, each further one is a device "
+                          "of its own) or virtio-rng[,max-bytes=N,period=MS]; repeatable, e.g. "
+                          "--device virtio-console,@stdio:con,pty:p1 --device virtio-rng")
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
     run.add_argument("--modules", metavar="DIR",
@@ -246,7 +250,8 @@ def _config_from_args(args: argparse.Namespace):
         serial = SerialConfig.parse(args.serial)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    ports = _ports_from_args(args)
+    first_ports, devices = _ports_from_args(args)
+    ports = _all_ports(first_ports, devices)
     if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
                          "use --serial off or --serial file:PATH")
@@ -278,7 +283,7 @@ def _config_from_args(args: argparse.Namespace):
     return VmConfig(
         kernel=kernel, initrd=initrd, cmdline=cmdline, default_console=args.cmdline is None,
         mem_size=mem_size,
-        cpus=args.cpus, serial=serial, ports=ports, queue_size=args.queue_size,
+        cpus=args.cpus, serial=serial, ports=first_ports, devices=devices, queue_size=args.queue_size,
         system_map=system_map,
         timeout=args.timeout, host_workarounds=not args.no_host_workarounds,
         command=args.command, boot_timeout=args.boot_timeout, idle_timeout=args.idle_timeout,
@@ -352,20 +357,40 @@ def _added_files_from_args(args: argparse.Namespace) -> tuple:
     return entries
 
 
-def _ports_from_args(args: argparse.Namespace) -> list:
-    """The console ports of --console and --device, checked together."""
+def _all_ports(first_ports: list, devices: tuple) -> list:
+    from microvmm.vmconfig import console_ports  # (vmconfig is imported already)
+    return console_ports(first_ports, devices)
+
+
+def _ports_from_args(args: argparse.Namespace) -> tuple[list, tuple]:
+    """The first virtio-console's ports (--console and the first --device
+    virtio-console, checked together) and the further --device requests
+    (each later virtio-console a device of its own, virtio-rng, ...)."""
     if not args.console and not args.device:
-        return []  # the port parser stays unimported: start-up time (issue 6)
-    from microvmm.virtio_console.spec import PortSpecError, parse_device_option, parse_port_spec, validate_ports
+        return [], ()  # the port parser stays unimported: start-up time (issue 6)
+    from microvmm.devmgr.registry import DeviceOptionError, DeviceRequest, parse_device_option
+    from microvmm.virtio_console.spec import DEVICE_NAME, PortSpecError, parse_port_spec, validate_ports
     try:
         ports = [parse_port_spec(spec) for spec in args.console]
+        devices: list[DeviceRequest] = []
+        first_console = True
         for option in args.device:
-            ports.extend(parse_device_option(option))
+            request = parse_device_option(option)
+            if request.kind == DEVICE_NAME and first_console:
+                ports.extend(request.options)
+                first_console = False
+            else:
+                devices.append(request)
         if ports:
             validate_ports(ports)
-    except PortSpecError as err:
+        # Port names (/dev/virtio-ports/NAME), the terminal and socket paths
+        # are shared by all consoles.
+        everyone = ports + [p for d in devices if d.kind == DEVICE_NAME for p in d.options]
+        if everyone:
+            validate_ports(everyone, max_ports=None)
+    except (PortSpecError, DeviceOptionError) as err:
         raise UsageError(str(err)) from None
-    return ports
+    return ports, tuple(devices)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from microvmm.hostinfo import merge_cmdline
 from microvmm.run_monitor import FailureLevel
 
 if TYPE_CHECKING:
+    from microvmm.devmgr.registry import DeviceRequest
     from microvmm.guestfiles import AddedEntry
     from microvmm.guestmodules import ModuleFile
     from microvmm.virtio_console.spec import PortSpec
@@ -51,6 +52,13 @@ def kernel_cmdline(cmdline: str, additions: tuple[str, ...], command: list[str] 
         if len(with_command.encode()) <= COMMAND_PARAM_CMDLINE_LIMIT:
             return with_command
     return merged
+
+
+def console_ports(first_ports: list["PortSpec"], devices: tuple["DeviceRequest", ...]) -> list["PortSpec"]:
+    """Every console port of the run: the first device's, then each further
+    virtio-console device's, in device order."""
+    return list(first_ports) + [port for request in devices if request.kind == "virtio-console"
+                                for port in request.options]
 
 
 #: --serial's forms, as `microvmm run --help` and the error say them.
@@ -101,7 +109,11 @@ class VmConfig:
     mem_size: int = 64 << 20
     cpus: int = 1
     serial: SerialConfig = field(default_factory=lambda: SerialConfig("stdio"))
+    #: The first virtio-console's ports: --console and the first --device virtio-console.
     ports: list["PortSpec"] = field(default_factory=list)
+    #: Further --device requests, each a PCI device of its own (a second
+    #: virtio-console, virtio-rng, ...), in command-line order.
+    devices: tuple["DeviceRequest", ...] = ()
     queue_size: int = 64
     system_map: Path | None = None
     timeout: float | None = None
@@ -133,3 +145,8 @@ class VmConfig:
     added_files: tuple["AddedEntry", ...] = ()
     #: `--ktap`: the command's stdout is KTAP/TAP; each test becomes a result.
     ktap: bool = False
+
+    @property
+    def all_ports(self) -> list["PortSpec"]:
+        """The console ports of every virtio-console device."""
+        return console_ports(self.ports, self.devices)

@@ -41,12 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
-# Where the virtio-console function sits, and the INTx routing the PCI bus gives
-# it (pci/bus.py DEFAULT_INTX_GSIS[0], the function's INTA#): the MP table is
-# written before the bus exists, from these; _build_pci checks them.
-CONSOLE_PCI_SLOT = 1
-PCI_INTA = 1
-FIRST_PCI_INTX_GSI = 16
 # x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
@@ -77,7 +71,9 @@ class Vmm:
         # Made by _build_vm and _attach_console.
         self._serial_sink: SerialConsole | None = None
         self._kernel_log_sink = None
-        self._port_backends: list = []
+        #: The PCI devices: their plan (before the boot), their manager (devmgr).
+        self._device_plan: list = []
+        self.devices = None
         #: The port-I/O and MMIO buses, once the devices are built (--stats).
         self.buses: tuple = ()
         self._watch_winch = False
@@ -202,6 +198,11 @@ class Vmm:
 
         # Built by the preparation's helper threads meanwhile; their errors
         # surface here, where they always did.
+        from microvmm.devmgr.plan import DevicePlanError, mp_table_irqs, plan_functions
+        try:
+            self._device_plan = plan_functions(self._device_requests())
+        except DevicePlanError as err:
+            raise VmmError(str(err)) from err
         kvm, vm, supported = self._preparation.take_vm()  # supported: KVM's CPUID leaves
         self.kvm, self.vm = kvm, vm
         self._closers.extend((kvm.close, vm.close))
@@ -216,7 +217,7 @@ class Vmm:
         # A fresh seed per boot, as QEMU and EFI stubs give: the guest's crng
         # is ready at once (a kernel that trusts its boot loader).
         boot = setup_linux_boot(memory, kernel, cmdline, initrd,
-                                num_cpus=config.cpus, pci_irqs=self._planned_pci_irqs(),
+                                num_cpus=config.cpus, pci_irqs=mp_table_irqs(self._device_plan),
                                 rng_seed=os.urandom(RNG_SEED_SIZE),
                                 bzimage_payload_as_elf=quirks.decompress_bzimage_on_host)
         del kernel, initrd  # in guest RAM now; a bzImage's bytes go back
@@ -225,7 +226,7 @@ class Vmm:
         # before the guest runs.
         self._serial_sink = self._open_serial_sink()
         self._kernel_log_sink = self._open_kernel_log_sink()
-        self._port_backends = self._open_port_backends()
+        self._open_device_backends()
         self.boot = boot
         self._announce_payload_workaround(boot)
         if not config.kaslr:
@@ -249,28 +250,38 @@ class Vmm:
                                 sync_exit_regs=sync_regs)
             self.runners.append(runner)
 
-    def _planned_pci_irqs(self) -> list:
-        """The MP table's PCI interrupt routing, from the configuration alone (the
-        devices are built after the guest starts): the console function, when
-        there is one, at its slot's INTA# on the bus's first INTx GSI.
-        _build_pci checks the bus assigned exactly this."""
-        from microvmm.boot import PciIrq
-        if not self._wants_console():
-            return []
-        return [PciIrq(device=CONSOLE_PCI_SLOT, pin=PCI_INTA, ioapic_pin=FIRST_PCI_INTX_GSI)]
+    def _device_requests(self) -> list:
+        """The PCI devices to plan: the first virtio-console (the --console
+        ports, and the run's own ports: `-- CMD`, the kernel's log) when there
+        is one, then every further --device in command-line order."""
+        from microvmm.devmgr.plan import DeviceRequest
+        first = [DeviceRequest("virtio-console", list(self.config.ports))] if self._wants_console() else []
+        return first + list(self.config.devices)
 
     def _wants_console(self) -> bool:
         return bool(self.config.ports) or self.config.command is not None or self.kernel_console.kmsg
 
-    def _open_port_backends(self) -> list:
-        if not self.config.ports:
-            return []
-        from microvmm.run.port_backends import open_port_backends
-        from microvmm.virtio_console import BackendError
+    def _open_device_backends(self) -> None:
+        """The devices' host backends (a socket file, a pty...), opened while
+        nothing runs yet so that a failure ends the VMM before the guest starts."""
+        if not self.config.all_ports and not self.config.devices:
+            return  # nothing to open (the default run): the manager comes after the first KVM_RUN
+        from microvmm.devmgr.manager import DeviceManager
+        from microvmm.devmgr.registry import DeviceSetupError, HostContext
+        self.devices = DeviceManager(self._device_plan)
+        stdio_filter = None
+        if self.config.all_ports:
+            from microvmm.terminal import EscapeFilter  # deferred: termios, only with console ports
+            escape = EscapeFilter()
+
+            def stdio_filter(data: bytes) -> bytes:
+                data, commands = escape.feed(data)
+                if commands:
+                    self._escape_commands(commands)
+                return data
         try:
-            return open_port_backends(self.config.ports, self._escape_commands,
-                                      lambda backend: self._closers.append(backend.close))
-        except BackendError as err:
+            self.devices.open_host(HostContext(sys.stderr, self._closers, stdio_filter))
+        except DeviceSetupError as err:
             raise VmmError(str(err)) from err
 
     def _build_devices(self) -> None:
@@ -306,32 +317,32 @@ class Vmm:
         self._build_pci()
 
     def _build_pci(self) -> None:
-        """The PCI bus and, when ports are configured, the virtio-console function."""
-        from microvmm.boot import PciIrq
-        from microvmm.pci.bus import (CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, IO_BAR_WINDOW,
-                                      MMIO_BAR_WINDOW, PciBus)
-        self.pci = pci = PciBus()
-        self.io_bus.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, pci, "pci-config")
-        self.io_bus.register(IO_BAR_WINDOW[0], IO_BAR_WINDOW[1] - IO_BAR_WINDOW[0],
-                             _PciBarWindow(IO_BAR_WINDOW[0], pci.io_read, pci.io_write), "pci-io")
-        self.mmio_bus.register(MMIO_BAR_WINDOW[0], MMIO_BAR_WINDOW[1] - MMIO_BAR_WINDOW[0],
-                               _PciBarWindow(MMIO_BAR_WINDOW[0], pci.mmio_read, pci.mmio_write),
-                               "pci-mmio")
-        if self._wants_console():
-            self._attach_console(pci)
-        assigned = [PciIrq(device=a.slot, pin=int(a.pin), ioapic_pin=a.gsi)
-                    for a in pci.pci_irq_assignments()]
-        planned = self._planned_pci_irqs()  # what the guest's MP table already says
-        if assigned != planned:
-            raise VmmError(f"PCI interrupt routing {assigned} differs from the MP table's {planned}")
+        """The PCI bus and its devices (devmgr), the run's ports on the first console."""
+        from microvmm.devmgr.registry import DeviceSetupError
+        if self.devices is None:
+            from microvmm.devmgr.manager import DeviceManager
+            self.devices = DeviceManager(self._device_plan)
+        devices = self.devices
+        try:
+            devices.build(self.vm, self.memory, self.loop, self.io_bus, self.mmio_bus, self._closers,
+                          self.config.queue_size, output_tap=self._port_output_tap,
+                          run_ports=self._run_ports)
+        except DeviceSetupError as err:
+            raise VmmError(str(err)) from err
+        self.pci = devices.pci
+        consoles = devices.of_kind("virtio-console")
+        if consoles:
+            self.console = consoles[0].device
+            self._console_transport = consoles[0].transport  # did the guest ever drive it? (_no_driver_hint)
+        self._watch_winch = any(p.backend.value in ("stdio", "tty", "pty") for p in self.config.all_ports)
 
-    def _attach_console(self, pci) -> None:
-        """The virtio-console function: queue kicks via ioeventfd, interrupts via irqfd."""
-        from microvmm.interrupts import GsiRouter, KvmIntxLine, KvmMsiController
-        from microvmm.virtio.pci_legacy import VirtioPciLegacy
-        from microvmm.virtio_console import VirtioConsole
+    def _port_output_tap(self, name: str, data: bytes) -> None:
+        if name != KMSG_PORT:  # the log port feeds the monitor itself (_kernel_log_output)
+            self.monitor.feed(name, data)
 
-        ports = list(self._port_backends)
+    def _run_ports(self) -> list:
+        """The ports the run needs on the first console, after the user's."""
+        ports = []
         if self.config.command is not None:
             command_ports = self._command_ports()
             for _, backend in command_ports:
@@ -344,32 +355,7 @@ class Vmm:
             from microvmm.virtio_console.spec import BackendKind, PortSpec
             ports.append((PortSpec(console=True, backend=BackendKind.FILE, name=KMSG_PORT, path=None),
                           CallbackBackend(KMSG_PORT, self._kernel_log_output)))
-        console = VirtioConsole(ports, self.loop, queue_size=self.config.queue_size)
-        feed = self.monitor.feed
-
-        def output_tap(name: str, data: bytes) -> None:
-            if name != KMSG_PORT:  # the log port feeds the monitor itself (_kernel_log_output)
-                feed(name, data)
-        console.output_tap = output_tap
-        self.console = console
-        self._closers.append(console.close)
-        self._closers.append(console.restore_terminals)
-        transport = VirtioPciLegacy(console, self.memory)
-        self._console_transport = transport  # did the guest ever drive it? (_no_driver_hint)
-        assignment = pci.add_device(transport, slot=CONSOLE_PCI_SLOT)
-        router = GsiRouter(self.vm)
-        msi = KvmMsiController(self.vm, router, transport.num_queues + 1)
-        self._closers.append(msi.close)
-        intx = None
-        if assignment is not None:
-            intx = KvmIntxLine(self.vm, assignment.gsi, self.loop, transport.intx_resample)
-            self._closers.append(intx.close)
-        transport.connect_interrupts(intx=intx, msi=msi)
-        self._ioeventfds: dict = {}
-        self._closers.append(self._remove_ioeventfds)
-        pci.bar_listener = lambda function, *_: self._sync_ioeventfds(function)
-        self._sync_ioeventfds(transport)
-        self._watch_winch = any(p.backend.value in ("stdio", "tty", "pty") for p in self.config.ports)
+        return ports
 
     def _command_ports(self) -> list:
         """The ports a `-- CMD` run talks through (see guest/README.md)."""
@@ -382,40 +368,6 @@ class Vmm:
         return [(spec(COMMAND_STDOUT_PORT), FdSinkBackend(COMMAND_STDOUT_PORT, sys.stdout.fileno())),
                 (spec(COMMAND_STDERR_PORT), FdSinkBackend(COMMAND_STDERR_PORT, sys.stderr.fileno())),
                 (spec(COMMAND_STATUS_PORT), self._status_port)]
-
-    def _sync_ioeventfds(self, transport) -> None:
-        """Keep one ioeventfd per queue on the notify register's current address."""
-        wanted = {(spec.port, spec.datamatch): spec for spec in transport.notify_ioeventfds()}
-        for key in list(self._ioeventfds):
-            if key not in wanted:
-                fd = self._ioeventfds.pop(key)
-                self.loop.remove_reader(fd)
-                self.vm.ioeventfd_remove(fd, key[0], 2, datamatch=key[1], pio=True)
-                os.close(fd)
-        for key, spec in wanted.items():
-            if key in self._ioeventfds:
-                continue
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.vm.ioeventfd(fd, spec.port, spec.size, datamatch=spec.datamatch, pio=True)
-            self._ioeventfds[key] = fd
-
-            def kicked(fd=fd, index=spec.queue_index) -> None:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    return
-                transport.queue_notify(index)
-            self.loop.add_reader(fd, kicked)
-
-    def _remove_ioeventfds(self) -> None:
-        for (port, datamatch), fd in self._ioeventfds.items():
-            self.loop.remove_reader(fd)
-            try:
-                self.vm.ioeventfd_remove(fd, port, 2, datamatch=datamatch, pio=True)
-            except OSError:
-                pass
-            os.close(fd)
-        self._ioeventfds.clear()
 
     def _set_boot_state(self, vcpu, boot) -> None:
         """Long mode at the kernel's 64-bit entry, as the boot loader computed it."""
@@ -460,12 +412,16 @@ class Vmm:
         # Let vCPU 0 into the guest before this thread takes the GIL for the device build.
         self.runners[0].wait_entering_guest()
 
+    def _refresh_console_sizes(self) -> None:
+        for console in self.devices.of_kind("virtio-console"):
+            console.device.refresh_sizes()
+
     def _start_io(self) -> None:
         """Once the devices exist: host input, the event loop, the profiler."""
         if self._watch_winch:  # a console port has a terminal
             # the host terminal was resized: tell the guest (RESIZE control message)
             self._previous_handlers[signal.SIGWINCH] = signal.signal(
-                signal.SIGWINCH, lambda *_: self.console.refresh_sizes())
+                signal.SIGWINCH, lambda *_: self._refresh_console_sizes())
         self.serial_console.start(self.loop, self.serial.enqueue_input)
         if self.kernel_console.kmsg:
             self.kernel_log.start(self.memory, self.loop, self._kernel_log_sink)
@@ -614,22 +570,6 @@ class Vmm:
 
     def _kernel_log_output(self, data: bytes) -> None:
         self.kernel_log.port_output(data)
-
-
-class _PciBarWindow:
-    """Forwards a PCI address window to the bus, which knows the current BARs."""
-
-    def __init__(self, base: int, read, write):
-        self._base = base
-        self._read = read
-        self._write = write
-
-    def read(self, offset: int, size: int) -> int:
-        value = self._read(self._base + offset, size)
-        return (1 << (8 * size)) - 1 if value is None else value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self._write(self._base + offset, size, value)
 
 
 def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:

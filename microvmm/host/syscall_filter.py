@@ -21,7 +21,7 @@ def install_run_filter(config: "VmConfig") -> None:
     # A socket client (a port or the serial console) reconnects.
     client = config.serial.socket_mode == "client" or any(
         p.backend.value == "socket" and p.socket_mode is not None and p.socket_mode.value == "client"
-        for p in config.ports)
+        for p in config.all_ports)
     try:
         # Result and profile files are created only when the VM has stopped.
         install_filter(extra_allowed=("socket", "connect") if client else (),

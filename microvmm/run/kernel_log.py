@@ -59,7 +59,7 @@ def plan_kernel_console(config: "VmConfig") -> KernelConsolePlan:
     console (no --cmdline, no console= in --append), the port fits and the
     kernel has a virtio console; else the serial line as before."""
     from microvmm.virtio_console.spec import MAX_PORTS
-    user_consoles = [port.name for port in config.ports if port.console]
+    user_consoles = [port.name for port in config.all_ports if port.console]
     shared = KernelLogSources(shared=frozenset({SERIAL_PORT, *user_consoles}))
     kernel_tokens = re.split(r"(?:^|\s)--(?:\s|$)", config.cmdline, maxsplit=1)[0].split()
     if not config.default_console or any(token.startswith("console=") for token in kernel_tokens):
@@ -68,6 +68,11 @@ def plan_kernel_console(config: "VmConfig") -> KernelConsolePlan:
     ports = len(config.ports) + (_COMMAND_PORTS if config.command is not None else 0)
     if ports + 1 > MAX_PORTS:
         return KernelConsolePlan(False, serial, shared, f"no room for a log port beside {ports} ports")
+    if any(port.console for port in config.all_ports[len(config.ports):]):
+        # Their hvc numbers follow the order the guest adds console ports on
+        # the several devices, which varies: hvcN could not name the log port.
+        return KernelConsolePlan(False, serial, shared,
+                                 "console ports on a further virtio-console device")
     if not kernel_has_virtio_console(config):
         return KernelConsolePlan(False, serial, shared,
                                  "no System.map for this kernel shows CONFIG_VIRTIO_CONSOLE=y")

@@ -18,9 +18,15 @@ if TYPE_CHECKING:
 
 
 class VirtioDeviceType(enum.IntEnum):
+    """Virtio device ids (spec §5) of the devices that have a legacy PCI id."""
+
     NET = 1
     BLOCK = 2
     CONSOLE = 3
+    ENTROPY = 4
+    BALLOON = 5
+    SCSI = 8
+    NINEP = 9
 
 
 class VirtioDevice(ABC):

@@ -38,7 +38,11 @@ VIRTIO_PCI_VENDOR_ID = 0x1AF4
 LEGACY_DEVICE_IDS = {
     VirtioDeviceType.NET: 0x1000,
     VirtioDeviceType.BLOCK: 0x1001,
+    VirtioDeviceType.BALLOON: 0x1002,
     VirtioDeviceType.CONSOLE: 0x1003,
+    VirtioDeviceType.SCSI: 0x1004,
+    VirtioDeviceType.ENTROPY: 0x1005,
+    VirtioDeviceType.NINEP: 0x1009,
 }
 VIRTIO_MSI_NO_VECTOR = 0xFFFF
 BAR0_SIZE = 0x100

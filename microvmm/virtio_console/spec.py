@@ -111,12 +111,15 @@ def parse_port_spec(text: str) -> PortSpec:
     return PortSpec(console, backend, name, path or None, socket_mode)
 
 
-def validate_ports(ports: list[PortSpec]) -> None:
-    """Checks that apply to the whole port list (names, count, shared resources)."""
+def validate_ports(ports: list[PortSpec], max_ports: int | None = MAX_PORTS) -> None:
+    """Checks that apply to the whole port list (names, count, shared resources).
+
+    `max_ports` None: the ports of several devices, checked for what they
+    share (names, the terminal, socket paths) but not counted."""
     if not ports:
         raise PortSpecError(DEVICE_NAME, "needs at least one port")
-    if len(ports) > MAX_PORTS:
-        raise PortSpecError(str(ports[MAX_PORTS]), f"too many ports (at most {MAX_PORTS})")
+    if max_ports is not None and len(ports) > max_ports:
+        raise PortSpecError(str(ports[max_ports]), f"too many ports (at most {max_ports})")
     names: set[str] = set()
     stdio_seen = False
     socket_paths: set[str] = set()
