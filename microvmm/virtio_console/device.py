@@ -32,7 +32,9 @@ from microvmm.virtio.device import VirtioDevice, VirtioDeviceType
 from microvmm.virtio.queue import VirtQueueError
 from microvmm.virtio_console import control
 from microvmm.virtio_console.backends import MAX_IOV, PortBackend, TerminalSize, create_backend
-from microvmm.virtio_console.control import ControlError, ControlEvent, ControlMessage
+from microvmm.virtio_console.control import ControlError
+from microvmm.virtio_console.control_queues import (  # noqa: F401 (MAX_CONTROL_BACKLOG: re-exported)
+    CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG, ControlQueues)
 from microvmm.virtio_console.port import PendingChain, Port, PortStats
 from microvmm.virtio_console.spec import MAX_PORTS, PortSpec, validate_ports
 
@@ -46,14 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 64
-CONTROL_RX_QUEUE = 2
-CONTROL_TX_QUEUE = 3
 #: Largest single read from a backend into one receive buffer.
 MAX_READ = 64 * 1024
-#: Control messages waiting for guest receive buffers. A driver keeps its
-#: control receive queue filled; one that never takes them while sending
-#: DEVICE_READY again and again would otherwise grow this without bound.
-MAX_CONTROL_BACKLOG = 1024
 #: Most guest->host chains gathered into one backend write.
 TX_BATCH_CHAINS = 64
 #: ...and at most about this many bytes: a unix socket's default send buffer
@@ -120,7 +116,7 @@ class _PortListener:
         self._device._guarded(lambda: self._device._apply_resize(self._port, size))
 
 
-class VirtioConsole(VirtioDevice):
+class VirtioConsole(ControlQueues, VirtioDevice):
     device_type = VirtioDeviceType.CONSOLE
 
     def __init__(self, ports: list[tuple[PortSpec, PortBackend]], loop: "EventLoop",
@@ -477,82 +473,6 @@ class VirtioConsole(VirtioDevice):
         if used:
             self._signal(index)
         port.backend.set_read_interest(self._can_receive(port) and queue.has_available())
-
-    # ---- control queues -------------------------------------------------------------------
-
-    def _send_control(self, message: ControlMessage) -> None:
-        if not self._multiport or self._queues is None:
-            return
-        if len(self._control_out) >= MAX_CONTROL_BACKLOG:
-            raise ControlError(f"{len(self._control_out)} control messages wait for receive buffers "
-                               "the driver does not post")
-        self._control_out.append(message.encode())
-        self._deliver_control()
-
-    def _deliver_control(self) -> None:
-        if not self._multiport or self._queues is None:
-            return
-        queue = self._queues[CONTROL_RX_QUEUE]
-        used = False
-        while self._control_out:
-            chain = queue.pop()
-            if chain is None:
-                break
-            message = self._control_out[0]
-            if chain.writable_len < len(message):
-                raise ControlError(f"control receive buffer of {chain.writable_len} bytes is "
-                                   f"shorter than a {len(message)}-byte message")
-            chain.write(message)
-            queue.add_used(chain.head, len(message))
-            self._control_out.popleft()
-            used = True
-        if used:
-            self._signal(CONTROL_RX_QUEUE)
-
-    def _process_control_tx(self) -> None:
-        if not self._multiport or self._queues is None:
-            return
-        queue = self._queues[CONTROL_TX_QUEUE]
-        while self._queues is not None and (chain := queue.pop()) is not None:
-            data = chain.read_all()
-            queue.add_used(chain.head, 0)
-            self._signal(CONTROL_TX_QUEUE)
-            self._handle_control(ControlMessage.decode_from_guest(data))
-
-    def _control_port(self, message: ControlMessage) -> Port:
-        if message.port_id >= len(self.ports) or not self.ports[message.port_id].added:
-            raise ControlError(f"{message.event.name} for port id {message.port_id}, "
-                               f"which the device did not add")
-        return self.ports[message.port_id]
-
-    def _handle_control(self, message: ControlMessage) -> None:
-        event = message.event
-        if event is ControlEvent.DEVICE_READY:
-            if not message.value:
-                logger.error("virtio-console: the guest driver failed to initialise")
-                return
-            for port in self.ports:
-                port.added = True
-                self._send_control(control.device_add(port.index))
-        elif event is ControlEvent.PORT_READY:
-            port = self._control_port(message)
-            if not message.value:
-                logger.error("virtio-console: the guest failed to add port %d (%s)",
-                             port.index, port.spec.name)
-                return
-            port.ready = True
-            if port.console:
-                self._send_control(control.console_port(port.index))
-                if port.size is not None:
-                    self._send_control(control.resize(port.index, port.size.cols, port.size.rows))
-            self._send_control(control.port_name(port.index, port.spec.name))
-            if port.backend.connected:
-                self._send_control(control.port_open(port.index, True))
-            self._process_tx(port)
-        elif event is ControlEvent.PORT_OPEN:
-            port = self._control_port(message)
-            port.guest_open = bool(message.value)
-            self._process_rx(port)
 
     def _connection_changed(self, port: Port, connected: bool) -> None:
         if port.ready and self._multiport:
