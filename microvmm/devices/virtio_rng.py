@@ -99,7 +99,7 @@ class VirtioRng(VirtioDevice):
         self._options = options
         self._entropy = entropy
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._queue: VirtQueue | None = None
         self._signal_queue: Callable[[int], None] = lambda index: None
         self._fail: Callable[[str], None] = lambda reason: None
