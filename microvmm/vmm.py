@@ -203,6 +203,7 @@ class Vmm:
             self._device_plan = plan_functions(self._device_requests())
         except DevicePlanError as err:
             raise VmmError(str(err)) from err
+        self.devices = None  # the DeviceManager: made once devices have host resources to open
         kvm, vm, supported = self._preparation.take_vm()  # supported: KVM's CPUID leaves
         self.kvm, self.vm = kvm, vm
         self._closers.extend((kvm.close, vm.close))

@@ -80,6 +80,7 @@ class DeviceManager:
         self._pending = [_Pending(f) for f in self.plan]
         self._running: dict[str, RunningDevice] = {}
         self._by_function: dict[int, RunningDevice] = {}
+        self._host_open = False
         self.pci: PciBus | None = None
         self.router = None
         self.ioeventfds = None
@@ -92,6 +93,7 @@ class DeviceManager:
 
     def open_host(self, context: HostContext) -> None:
         """Open every device's host resources (DeviceSetupError on failure)."""
+        self._host_open = True
         for pending in self._pending:
             module = device_module(pending.function.kind)
             pending.opened = module.open_host(pending.function.request.options, context)
@@ -108,6 +110,8 @@ class DeviceManager:
         from microvmm.pci.bus import (CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, IO_BAR_WINDOW,
                                       MMIO_BAR_WINDOW, PciBus)
         self._vm, self._loop, self._closers = vm, loop, closers
+        if not self._host_open:  # a run whose devices have nothing on the host to open
+            self.open_host(HostContext(None, closers))
         self.pci = pci = PciBus()
         io_bus.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, pci, "pci-config")
         io_bus.register(IO_BAR_WINDOW[0], IO_BAR_WINDOW[1] - IO_BAR_WINDOW[0],

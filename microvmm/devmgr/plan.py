@@ -8,11 +8,10 @@ checks that the bus assigned exactly what was planned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
-if TYPE_CHECKING:
-    from microvmm.devmgr.registry import DeviceRequest
+# Plain classes, not dataclasses: a default run plans its console before its
+# first KVM_RUN, and each dataclass costs start-up time (issue 6).
 
 #: Slot 0 is the host bridge; devices follow in the order they were asked for.
 FIRST_DEVICE_SLOT = 1
@@ -29,23 +28,44 @@ class DevicePlanError(ValueError):
     """More devices than the bus can wire."""
 
 
-@dataclass(frozen=True)
-class PlannedFunction:
-    """One PCI function: where it sits and which GSI its INTA# reaches."""
+class DeviceRequest:
+    """One device asked for (`--device`): its kind (the registered name) and its parsed options."""
 
-    #: "virtio-console0", "virtio-rng0": the name it is found by while the guest runs.
-    name: str
-    slot: int
-    pin: int
-    gsi: int
-    request: "DeviceRequest"
+    __slots__ = ("kind", "options", "text")
+
+    def __init__(self, kind: str, options: Any, text: str = ""):
+        self.kind = kind
+        self.options = options
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, DeviceRequest)
+                and (self.kind, self.options) == (other.kind, other.options))
+
+    def __repr__(self) -> str:
+        return f"DeviceRequest({self.kind!r}, {self.options!r})"
+
+
+class PlannedFunction:
+    """One PCI function: where it sits and which GSI its INTA# reaches.
+
+    `name` ("virtio-console0", "virtio-rng0") is what it is found by while
+    the guest runs."""
+
+    __slots__ = ("name", "slot", "pin", "gsi", "request")
+
+    def __init__(self, name: str, slot: int, pin: int, gsi: int, request: DeviceRequest):
+        self.name, self.slot, self.pin, self.gsi, self.request = name, slot, pin, gsi, request
 
     @property
     def kind(self) -> str:
         return self.request.kind
 
+    def __repr__(self) -> str:
+        return f"PlannedFunction({self.name!r}, slot={self.slot}, gsi={self.gsi})"
 
-def plan_functions(requests: Sequence["DeviceRequest"]) -> list[PlannedFunction]:
+
+def plan_functions(requests: Sequence[DeviceRequest]) -> list[PlannedFunction]:
     """Slots from FIRST_DEVICE_SLOT and INTx GSIs in request order; each
     device's name is its kind and its number among those of its kind."""
     if len(requests) > MAX_DEVICES:

@@ -23,6 +23,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from microvmm.devmgr.plan import DeviceRequest  # noqa: F401 (re-exported: the request type)
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -42,15 +44,6 @@ class DeviceOptionError(ValueError):
 
 class DeviceSetupError(Exception):
     """A device's host resources could not be opened (before the guest runs)."""
-
-
-@dataclass(frozen=True)
-class DeviceRequest:
-    """One `--device`: its kind (the registered name) and its parsed options."""
-
-    kind: str
-    options: Any
-    text: str = ""
 
 
 @dataclass
