@@ -163,7 +163,8 @@ def test_the_mp_table_routing_written_before_the_pci_bus_exists_is_checked(kvm, 
     """The MP table's PCI routing comes from the configuration, before the bus is
     built; the deferred build fails the run if the bus assigned anything else."""
     from microvmm import vmm as vmm_module
-    monkeypatch.setattr(vmm_module, "FIRST_PCI_INTX_GSI", vmm_module.FIRST_PCI_INTX_GSI + gsi_shift)
+    from microvmm.devmgr import plan as plan_module  # where the planned routing comes from
+    monkeypatch.setattr(plan_module, "INTX_GSIS", tuple(gsi + gsi_shift for gsi in plan_module.INTX_GSIS))
     monkeypatch.setenv(vmm_module.EXIT_AT_FIRST_RUN_ENV, "1")
     code = vmm_module.run_vm(_config(command=["true"]))  # stops at the first KVM_RUN: no status
     err = capfd.readouterr().err
