@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
@@ -37,6 +38,8 @@ class IoEventFdRegistry:
         self._vm = vm
         self._loop = loop
         self._entries: dict[tuple[Hashable, int], _Registration] = {}
+        #: BAR changes of several devices may arrive on several vCPU threads at once.
+        self._lock = threading.Lock()
 
     def sync(self, device: Hashable, specs: Iterable["IoEventFdSpec"],
              on_kick: Callable[[int], None]) -> None:
@@ -44,6 +47,11 @@ class IoEventFdRegistry:
         current address; none while its I/O decode is off), leaving every
         other device's alone."""
         wanted = {spec.queue_index: spec for spec in specs}
+        with self._lock:
+            self._sync(device, wanted, on_kick)
+
+    def _sync(self, device: Hashable, wanted: dict[int, "IoEventFdSpec"],
+              on_kick: Callable[[int], None]) -> None:
         for key in [k for k in self._entries if k[0] == device]:
             entry, spec = self._entries[key], wanted.get(key[1])
             if spec is None or (spec.port, spec.size, spec.datamatch) != (entry.port, entry.size,
@@ -70,16 +78,19 @@ class IoEventFdRegistry:
 
     def registered(self, device: Hashable) -> dict[int, tuple[int, int]]:
         """queue -> (port, datamatch) of `device`'s ioeventfds."""
-        return {queue: (e.port, e.datamatch) for (owner, queue), e in self._entries.items()
-                if owner == device}
+        with self._lock:
+            return {queue: (e.port, e.datamatch) for (owner, queue), e in self._entries.items()
+                    if owner == device}
 
     def remove_device(self, device: Hashable) -> None:
-        for key in [k for k in self._entries if k[0] == device]:
-            self._remove(key)
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == device]:
+                self._remove(key)
 
     def close(self) -> None:
-        for key in list(self._entries):
-            self._remove(key)
+        with self._lock:
+            for key in list(self._entries):
+                self._remove(key)
 
     def _remove(self, key: tuple[Hashable, int]) -> None:
         entry = self._entries.pop(key)
