@@ -110,17 +110,31 @@ def test_the_rate_limit_holds_requests_until_the_next_period():
     for _ in range(3):
         queue.add(writable=[32])
     driver.kick(REQUESTQ)
-    # 48 bytes this period: one whole request and 16 bytes of the next; the
-    # third waits in the ring for a timer at the period's end.
-    assert [u.length for u in queue.get_used()] == [32, 16]
+    # 48 bytes a period, requests filled whole: one request now; the second
+    # (32 > the 16 left) waits in the ring for a timer at the period's end.
+    assert [u.length for u in queue.get_used()] == [32]
     assert [delay for delay, _ in loop.timers] == [pytest.approx(0.5)]
     loop.fire_timers()  # early: the period is not over, nothing more
     assert queue.get_used() == [] and len(loop.timers) == 1
     clock.now += 0.5
     loop.fire_timers()
     assert [u.length for u in queue.get_used()] == [32]
-    assert device.bytes_delivered == 80
+    clock.now += 0.5
+    loop.fire_timers()
+    assert [u.length for u in queue.get_used()] == [32]
+    assert device.bytes_delivered == 96
     assert loop.timers == []  # nothing waits any more
+
+
+def test_a_request_larger_than_max_bytes_gets_max_bytes_per_period():
+    driver, queue, device, loop, clock, _ = make_env(RngOptions(max_bytes=16, period_ms=100))
+    queue.add(writable=[64])
+    queue.add(writable=[64])
+    driver.kick(REQUESTQ)
+    assert [u.length for u in queue.get_used()] == [16]
+    clock.now += 0.1
+    loop.fire_timers()
+    assert [u.length for u in queue.get_used()] == [16]
 
 
 def test_a_reset_cancels_the_refill_timer():

@@ -6,9 +6,11 @@ written. Linux binds it as a hw_random source (/dev/hwrng,
 /sys/class/misc/hw_random/rng_current = virtio_rng.N).
 
 Rate limit: at most `max-bytes` bytes every `period` milliseconds (period
-1000 when only max-bytes is given). A request that finds the budget spent
-waits in the ring until the next period: the guest's read blocks, never gets
-zero bytes (which Linux's hwrng reader would just ask again for).
+1000 when only max-bytes is given). A request is filled whole; one that does
+not fit in what is left of the budget waits in the ring until the next
+period: the guest's read blocks, never gets zero bytes (which Linux's hwrng
+reader would just ask again for) nor part of its buffer. A request larger
+than max-bytes gets max-bytes at the start of a period.
 
 Bad guest input (a buffer the device can read, a chain with no writable
 byte, a malformed chain) puts the device in NEEDS_RESET, logged once.
@@ -178,7 +180,7 @@ class VirtioRng(VirtioDevice):
             return MAX_REQUEST_BYTES
         now = self._clock()
         period = self._options.period_ms / 1000
-        if now - self._period_start >= period:
+        if now - self._period_start >= period - 1e-9:  # (the refill timer fires at the period's end)
             self._period_start = now
             self._period_used = 0
         return self._options.max_bytes - self._period_used
@@ -217,7 +219,16 @@ class VirtioRng(VirtioDevice):
             room = chain.writable_len
             if room == 0:
                 raise VirtQueueError(f"request {chain.head} has no writable byte")
-            data = self._entropy(min(room, budget, MAX_REQUEST_BYTES))
+            want = min(room, MAX_REQUEST_BYTES)
+            if want > budget and budget < (self._options.max_bytes or 0):
+                # Whole requests only: Linux 6.1's driver stalled for good after
+                # a partly filled request here (max-bytes=1000: hung; 1024,
+                # whole 64-byte requests: fine). Only a request larger than
+                # max-bytes itself gets max-bytes, at the start of a period.
+                queue.undo_pop()
+                self._wait_for_budget()
+                return used
+            data = self._entropy(min(want, budget))
             written = chain.write(data)
             queue.add_used(chain.head, written)
             self._period_used += written
