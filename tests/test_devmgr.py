@@ -19,7 +19,7 @@ from microvmm.kvm import MsiRoute
 from microvmm.memory import GuestMemory
 from microvmm.pci.bus import DEFAULT_INTX_GSIS
 from microvmm.virtio.pci_legacy import IoEventFdSpec
-from tests.virtio_fake_driver import FakeLegacyPciDriver, GuestAllocator
+from microvmm.testing.fakes.virtio_driver import FakeLegacyPciDriver, GuestAllocator
 
 RAM = 4 << 20
 NOTIFY = 16  # LegacyReg.QUEUE_NOTIFY

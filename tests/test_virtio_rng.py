@@ -13,7 +13,7 @@ from microvmm.devmgr.registry import DeviceOptionError, parse_device_option
 from microvmm.memory import GuestMemory
 from microvmm.pci.bus import PciBus
 from microvmm.virtio.pci_legacy import VirtioPciLegacy
-from tests.virtio_fake_driver import (
+from microvmm.testing.fakes.virtio_driver import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
     STATUS_NEEDS_RESET,
