@@ -37,6 +37,7 @@ class ControlQueues:
     _multiport: bool
     _queues: "list[VirtQueue] | None"
     _control_out: "deque[bytes]"
+    _driver_ready: bool
 
     if TYPE_CHECKING:  # provided by VirtioConsole
         def _signal(self, index: int) -> None: ...
@@ -94,11 +95,16 @@ class ControlQueues:
             if not message.value:
                 logger.error("virtio-console: the guest driver failed to initialise")
                 return
+            self._driver_ready = True
             for port in self.ports:
+                if port.unplugged:
+                    continue
                 port.added = True
                 self._send_control(control.device_add(port.index))
         elif event is ControlEvent.PORT_READY:
             port = self._control_port(message)
+            if port.unplugged:
+                return  # removed before the guest had set it up
             if not message.value:
                 logger.error("virtio-console: the guest failed to add port %d (%s)",
                              port.index, port.spec.name)
@@ -109,7 +115,7 @@ class ControlQueues:
                 if port.size is not None:
                     self._send_control(control.resize(port.index, port.size.cols, port.size.rows))
             self._send_control(control.port_name(port.index, port.spec.name))
-            if port.backend.connected:
+            if port.host_open:
                 self._send_control(control.port_open(port.index, True))
             self._process_tx(port)
         elif event is ControlEvent.PORT_OPEN:

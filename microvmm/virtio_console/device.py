@@ -35,6 +35,7 @@ from microvmm.virtio_console.backends import MAX_IOV, PortBackend, TerminalSize,
 from microvmm.virtio_console.control import ControlError
 from microvmm.virtio_console.control_queues import (  # noqa: F401 (MAX_CONTROL_BACKLOG: re-exported)
     CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG, ControlQueues)
+from microvmm.virtio_console.hotplug import PortHotplug
 from microvmm.virtio_console.port import PendingChain, Port, PortStats
 from microvmm.virtio_console.spec import MAX_PORTS, PortSpec, validate_ports
 
@@ -116,21 +117,28 @@ class _PortListener:
         self._device._guarded(lambda: self._device._apply_resize(self._port, size))
 
 
-class VirtioConsole(ControlQueues, VirtioDevice):
+class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
     device_type = VirtioDeviceType.CONSOLE
 
     def __init__(self, ports: list[tuple[PortSpec, PortBackend]], loop: "EventLoop",
-                 queue_size: int = DEFAULT_QUEUE_SIZE):
-        if not 1 <= len(ports) <= MAX_PORTS:
-            raise ValueError(f"a console has 1..{MAX_PORTS} ports, not {len(ports)}")
-        validate_ports([spec for spec, _ in ports])
+                 queue_size: int = DEFAULT_QUEUE_SIZE, max_ports: int | None = None):
+        # max_ports: the port ids the guest is told of (max_nr_ports), so that
+        # ports can be added later (hotplug.py); default: just these ports.
+        capacity = len(ports) if max_ports is None else max_ports
+        least = 0 if max_ports is not None else 1
+        if not least <= len(ports) <= capacity <= MAX_PORTS:
+            raise ValueError(f"a console has {least}..{MAX_PORTS} ports, not {len(ports)} of {capacity}")
+        if ports:
+            validate_ports([spec for spec, _ in ports])
+        self.capacity = capacity
         self._loop = loop
         self._lock = threading.RLock()
         self.ports = [Port(i, spec, backend, size=backend.terminal_size())
                       for i, (spec, backend) in enumerate(ports)]
-        self.queue_max_sizes = (queue_size,) * (2 * len(self.ports) + 2)
+        self.queue_max_sizes = (queue_size,) * (2 * capacity + 2)
         self._queues: list[VirtQueue] | None = None
         self._multiport = False
+        self._driver_ready = False
         self._size_negotiated = False
         self._signal_queue: Callable[[int], None] = lambda index: None
         self._signal_config: Callable[[], None] = lambda: None
@@ -165,8 +173,8 @@ class VirtioConsole(ControlQueues, VirtioDevice):
         return sum(1 << bit for bit in ConsoleFeature)
 
     def _config_bytes(self) -> bytes:
-        size = self.ports[0].size or TerminalSize(0, 0)
-        return _CONFIG.pack(size.cols, size.rows, len(self.ports), 0)
+        size = (self.ports[0].size if self.ports else None) or TerminalSize(0, 0)
+        return _CONFIG.pack(size.cols, size.rows, self.capacity, 0)
 
     def read_config(self, offset: int, size: int) -> int:
         with self._lock:
@@ -191,7 +199,8 @@ class VirtioConsole(ControlQueues, VirtioDevice):
             self._size_negotiated = bool(driver_features & (1 << ConsoleFeature.SIZE))
             self._signal_queue, self._signal_config, self._fail = signal_queue, signal_config, fail
             self._generation += 1
-            if not self._multiport:
+            self._driver_ready = False
+            if not self._multiport and self.ports:
                 # Single-port mode: port 0 is the console, open from the start.
                 port0 = self.ports[0]
                 port0.added = port0.ready = port0.guest_open = True
@@ -201,6 +210,7 @@ class VirtioConsole(ControlQueues, VirtioDevice):
         with self._lock:
             self._queues = None
             self._generation += 1
+            self._driver_ready = False
             self._control_out.clear()
             for port in self.ports:
                 port.reset_guest_state()
@@ -382,9 +392,13 @@ class VirtioConsole(ControlQueues, VirtioDevice):
         whatever the backend did not take and use every chain. The driver is
         interrupted once per call, not per chain.
         """
+        if port.unplugged and port.backend.closed:
+            return  # removed and drained: its host end is gone
         index = tx_queue_index(port.index)
         queue = self._port_queue(port, index)
-        console = port.console
+        # A removed port's output is taken at once, like a console's: the
+        # guest drops what is left in its ring (hotplug.py).
+        console = port.console or port.unplugged
         # A serial port's pending chain leads the next batch (one write for both).
         flushed = self._flush_held(port, with_pending=queue is None or console)
         if queue is not None and (flushed or console):
@@ -436,6 +450,8 @@ class VirtioConsole(ControlQueues, VirtioDevice):
             if used:
                 self._signal(index)
         port.backend.set_write_interest(bool(port.held or port.pending))
+        if port.unplugged and not port.held and port.pending is None:
+            port.backend.close()  # everything the guest wrote is out: the host end goes
 
     def _emergency_write(self, char: bytes) -> None:
         port = self.ports[0]
@@ -445,7 +461,8 @@ class VirtioConsole(ControlQueues, VirtioDevice):
     # ---- host -> guest data ------------------------------------------------------------
 
     def _can_receive(self, port: Port) -> bool:
-        return (port.backend.has_input and port.backend.connected and port.guest_open
+        return ((bool(port.injected) or (port.backend.has_input and port.host_open))
+                and port.guest_open and not port.unplugged
                 and self._port_queue(port, rx_queue_index(port.index)) is not None)
 
     def _process_rx(self, port: Port) -> None:
@@ -462,7 +479,7 @@ class VirtioConsole(ControlQueues, VirtioDevice):
             room = chain.writable_len
             if room == 0:
                 raise VirtQueueError(f"port {port.index} receive buffer has no writable space")
-            data = port.backend.read(min(room, MAX_READ))
+            data = port.take_injected(min(room, MAX_READ)) or port.backend.read(min(room, MAX_READ))
             if not data:
                 queue.undo_pop()
                 break
@@ -475,7 +492,7 @@ class VirtioConsole(ControlQueues, VirtioDevice):
         port.backend.set_read_interest(self._can_receive(port) and queue.has_available())
 
     def _connection_changed(self, port: Port, connected: bool) -> None:
-        if port.ready and self._multiport:
+        if port.ready and self._multiport and not port.host_closed and not port.unplugged:
             self._send_control(control.port_open(port.index, connected))
         self._process_tx(port)
         self._process_rx(port)

@@ -50,16 +50,34 @@ class Port:
     to_host_bytes: int = 0
     to_guest_bytes: int = 0
     dropped_bytes: int = 0
+    # Run-time changes (the control socket, hotplug.py).
+    #: The host end is held closed (PORT_OPEN 0) whatever the backend says.
+    host_closed: bool = False
+    #: DEVICE_REMOVE sent: output still in the ring is taken and held until
+    #: the backend has it all, then the backend is closed; no more input.
+    unplugged: bool = False
+    #: Bytes for the guest that came from the control socket, not the backend.
+    injected: bytearray = field(default_factory=bytearray)
 
     @property
     def console(self) -> bool:
         return self.spec.console
+
+    @property
+    def host_open(self) -> bool:
+        """What the guest is told of the host end (PORT_OPEN)."""
+        return self.backend.connected and not self.host_closed and not self.unplugged
 
     def hold(self, data: bytes | memoryview) -> None:
         """Keep console output host-side, up to the limit; count the rest as dropped."""
         room = max(0, CONSOLE_BUFFER_LIMIT - len(self.held))
         self.held += data[:room]
         self.dropped_bytes += max(0, len(data) - room)
+
+    def take_injected(self, max_bytes: int) -> bytes:
+        data = bytes(self.injected[:max_bytes])
+        del self.injected[:max_bytes]
+        return data
 
     def reset_guest_state(self) -> None:
         self.added = self.ready = self.guest_open = False
