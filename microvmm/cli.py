@@ -183,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. --seccomp errno")
     run.add_argument("--no-host-workarounds", action="store_true",
                      help="on an emulating KVM host, do not apply the boot workarounds")
+    run.add_argument("--control", metavar="PATH",
+                     help="listen on a unix socket for commands to the running VM (add and remove "
+                          "console ports, open/close, resize...; see `microvmm ctl`), "
+                          "e.g. --control /tmp/vm.ctl")
+    ctl = commands.add_parser(
+        "ctl", help="send a command to a running VM's --control socket",
+        description="Send one command to a `microvmm run --control PATH` VM and print the answer. "
+                    "Exit 0 on success, 1 when the VM answers with an error, 2 when the socket "
+                    "cannot be reached.",
+        epilog="commands: ports | add-port SPEC [DEVICE] | remove-port NAME | open NAME | close NAME |"
+               " resize NAME COLS ROWS | send NAME DATA | stats | dump | stop | help\n"
+               "example: microvmm ctl /tmp/vm.ctl add-port socket:data=/tmp/data.sock:server",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ctl.add_argument("--json", action="store_true", help="print the reply as JSON")
+    ctl.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the answer (default 10)")
+    ctl.add_argument("path", metavar="PATH", help="the VM's --control socket")
+    ctl.add_argument("ctl_command", metavar="COMMAND", help="ports, add-port, remove-port, ...")
+    ctl.add_argument("ctl_args", metavar="ARG", nargs=argparse.REMAINDER, help="the command's arguments")
     commands.add_parser("check-host", help="report what kind of KVM this host has and whether "
                                              "/dev/kvm is usable (exit 1 if not)")
     config = commands.add_parser(
@@ -293,7 +312,22 @@ def _config_from_args(args: argparse.Namespace):
         profile=Path(args.profile) if args.profile else None, profile_rate=args.profile_rate,
         stats=args.stats, seccomp=args.seccomp, initrd_modules=initrd_modules, kaslr=args.kaslr,
         added_files=added_files, ktap=args.ktap,
+        control=_control_from_args(args),
     )
+
+
+def _control_from_args(args: argparse.Namespace) -> str | None:
+    if args.control is None:
+        return None
+    if args.seccomp != "off":
+        raise UsageError(f"--control {args.control}: cannot be combined with --seccomp yet "
+                         "(the control thread and added ports need system calls the filter refuses)")
+    from microvmm.control.server import ControlPathError, check_control_path
+    try:
+        check_control_path(args.control)
+    except ControlPathError as err:
+        raise UsageError(str(err)) from None
+    return args.control
 
 
 def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
@@ -447,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command_name == "images":
             from microvmm.guestbuild.command import images_command
             return images_command(args.action, force=args.force)
+        if args.command_name == "ctl":
+            from microvmm.control.client import ctl_main
+            return ctl_main(args)
         if args.command_name == "check-host":
             from microvmm.hostinfo import check_kvm_device, detect_host_kind, host_quirks
             kind, reason = detect_host_kind()

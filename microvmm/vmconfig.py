@@ -145,6 +145,9 @@ class VmConfig:
     added_files: tuple["AddedEntry", ...] = ()
     #: `--ktap`: the command's stdout is KTAP/TAP; each test becomes a result.
     ktap: bool = False
+    #: `--control PATH`: the control socket (microvmm/control/); its ports
+    #: may be added and removed while the guest runs.
+    control: str | None = None
 
     @property
     def all_ports(self) -> list["PortSpec"]:

@@ -260,7 +260,8 @@ class Vmm:
         return first + list(self.config.devices)
 
     def _wants_console(self) -> bool:
-        return bool(self.config.ports) or self.config.command is not None or self.kernel_console.kmsg
+        return (bool(self.config.ports) or self.config.command is not None or self.kernel_console.kmsg
+                or self.config.control is not None)
 
     def _open_device_backends(self) -> None:
         """The devices' host backends (a socket file, a pty...), opened while
@@ -327,7 +328,7 @@ class Vmm:
         try:
             devices.build(self.vm, self.memory, self.loop, self.io_bus, self.mmio_bus, self._closers,
                           self.config.queue_size, output_tap=self._port_output_tap,
-                          run_ports=self._run_ports)
+                          run_ports=self._run_ports, hotplug=self.config.control is not None)
         except DeviceSetupError as err:
             raise VmmError(str(err)) from err
         self.pci = devices.pci
@@ -427,6 +428,9 @@ class Vmm:
         if self.kernel_console.kmsg:
             self.kernel_log.start(self.memory, self.loop, self._kernel_log_sink)
         self.loop.start()
+        if self.config.control is not None:  # commands for the running VM (microvmm/control/)
+            from microvmm.control.vmmlink import start_control
+            start_control(self, self.config.control)
         if self.config.profile:
             from microvmm.profiler import GuestProfiler
             self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,

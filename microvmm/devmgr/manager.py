@@ -103,7 +103,7 @@ class DeviceManager:
     def build(self, vm, memory: "GuestMemory", loop: "EventLoop", io_bus: "Bus", mmio_bus: "Bus",
               closers: list[Callable[[], None]], queue_size: int,
               output_tap: Callable[[str, bytes], None] | None = None,
-              run_ports: Callable[[], list] = lambda: []) -> None:
+              run_ports: Callable[[], list] = lambda: [], hotplug: bool = False) -> None:
         """The PCI bus on the VMM's buses, then every planned function on it."""
         from microvmm.interrupts import GsiRouter
         from microvmm.devmgr.ioeventfds import IoEventFdRegistry
@@ -128,7 +128,8 @@ class DeviceManager:
             ordinal = ordinals.get(kind, 0)
             ordinals[kind] = ordinal + 1
             context = DeviceContext(memory=memory, loop=loop, closers=closers, queue_size=queue_size,
-                                    ordinal=ordinal, output_tap=output_tap, run_ports=run_ports)
+                                    ordinal=ordinal, output_tap=output_tap, run_ports=run_ports,
+                                    hotplug=hotplug)
             device = device_module(kind).create_device(pending.opened, context)
             self._attach(pending.function, device, memory)
         self._pending.clear()

@@ -73,6 +73,9 @@ class DeviceContext:
     #: Ports the run itself needs (a `-- CMD` run's ports, the kernel's log
     #: port): (spec, backend) pairs, added after the user's on the first console.
     run_ports: Callable[[], list] = field(default=lambda: [])
+    #: Ports may be added while the guest runs (a control socket): a
+    #: console advertises every port id it may ever use.
+    hotplug: bool = False
 
 
 def device_module(kind: str) -> "ModuleType":

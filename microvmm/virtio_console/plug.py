@@ -50,7 +50,9 @@ def create_device(opened: list, context: "DeviceContext") -> "VirtioConsole":
     ports = list(opened)
     if context.ordinal == 0:
         ports += context.run_ports()  # their closers are the run's
-    console = VirtioConsole(ports, context.loop, queue_size=context.queue_size)
+    from microvmm.virtio_console.spec import MAX_PORTS
+    console = VirtioConsole(ports, context.loop, queue_size=context.queue_size,
+                            max_ports=MAX_PORTS if context.hotplug else None)
     console.output_tap = context.output_tap
     context.closers.append(console.close)
     context.closers.append(console.restore_terminals)
