@@ -57,14 +57,15 @@ class MicroVMFactory:
     _cache: dict[VmSpec, MicroVM] = field(default_factory=dict)
 
     def __call__(self, ports: list[str] | tuple[str, ...] = (), mem: str = "64M", cmdline_append: str = "",
-                 extra_args: list[str] | tuple[str, ...] = (), boot_timeout: float | None = None) -> MicroVM:
+                 extra_args: list[str] | tuple[str, ...] = (), boot_timeout: float | None = None,
+                 control: bool = False) -> MicroVM:
         reason = kvm_unusable_reason()
         if reason:
             pytest.skip(reason)
         if self.missing_images:
             pytest.skip(self.missing_images)
         spec = VmSpec(self.kernel, self.initrd, tuple(ports), mem, cmdline_append,
-                      self.default_args + tuple(extra_args))
+                      self.default_args + tuple(extra_args), control)
         cached = self._cache.get(spec)
         if cached is not None and cached.healthy:
             return cached

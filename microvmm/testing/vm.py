@@ -39,6 +39,8 @@ class VmSpec:
     mem: str = "64M"
     cmdline_append: str = ""
     extra_args: tuple[str, ...] = ()
+    #: Boot with `--control`: the VM's port_* / resize / ctl calls.
+    control: bool = False
 
 
 def kvm_unusable_reason() -> str | None:
@@ -66,6 +68,8 @@ class MicroVM:
         self.proc: subprocess.Popen | None = None
         self.exit_code: int | None = None
         self.closed = False
+        self.control_path = self._socket_dir / "control.sock"
+        self._control = None
 
     # -- boot
 
@@ -78,6 +82,8 @@ class MicroVM:
             args += ["--console", f"socket:{name}={path}:server"]
         if spec.cmdline_append:
             args += ["--append", spec.cmdline_append]
+        if spec.control:
+            args += ["--control", str(self.control_path)]
         return args + list(spec.extra_args)
 
     def _socket_paths(self) -> dict[str, Path]:
@@ -186,6 +192,48 @@ class MicroVM:
                                  result.stderr.decode(errors="replace"))
         return result
 
+    # -- the control socket (VMs booted with control=True; microvmm/control/)
+
+    def ctl(self, command: str, *args: str | int, timeout: float = 30.0):
+        """Send a control command; its result (ControlReplyError on an error reply)."""
+        from microvmm.control.client import ControlClient
+        if not self.spec.control:
+            raise MicroVMError(f"{self.name} was booted without control=True")
+        self.check_alive()
+        if self._control is None:
+            self._control = ControlClient(str(self.control_path), timeout=timeout)
+        return self._control.call(command, *args)
+
+    def ports(self) -> list[dict]:
+        return self.ctl("ports")
+
+    def add_port(self, spec: str) -> dict:
+        return self.ctl("add-port", spec)
+
+    def remove_port(self, name: str) -> dict:
+        return self.ctl("remove-port", name)
+
+    def open_port(self, name: str) -> dict:
+        return self.ctl("open", name)
+
+    def close_port(self, name: str) -> dict:
+        return self.ctl("close", name)
+
+    def resize(self, name: str, cols: int, rows: int) -> dict:
+        return self.ctl("resize", name, cols, rows)
+
+    def send(self, name: str, data: str) -> dict:
+        return self.ctl("send", name, data)
+
+    def stats(self) -> dict:
+        return self.ctl("stats")
+
+    def dump(self) -> str:
+        return self.ctl("dump")
+
+    def stop(self) -> str:
+        return self.ctl("stop")
+
     def port(self, name: str) -> PortChannel:
         """The host end of the port `name` given in `ports=[...]`."""
         if name not in self.spec.ports:
@@ -235,6 +283,8 @@ class MicroVM:
             self.closed = True
             for channel in self._ports.values():
                 channel.close()
+            if self._control is not None:
+                self._control.close()
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _kill(self) -> None:
