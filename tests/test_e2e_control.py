@@ -188,3 +188,46 @@ def test_vm_is_healthy_after_the_random_requests(vm):
     assert vm.run("echo alive", timeout=60) == (0, b"alive\n", b"")
     with pytest.raises(ControlReplyError):
         vm.ctl("remove-port", "microvmm.agent")
+
+
+def readme_ctl_lines() -> list[str]:
+    from tests.e2e_support import REPO
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Acting on a running guest: `--control`", 1)[1].split("\n### ", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in section.splitlines()
+            if line.startswith("microvmm ctl /tmp/vm.ctl ")]
+
+
+def test_readme_ctl_examples_work_as_written(vm, tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.e2e_support import REPO
+    lines = readme_ctl_lines()
+    assert len(lines) >= 9 and lines[-1].endswith(" stop")
+    vm.add_port(f"@socket:p0={tmp_path / 'p0.sock'}:server")  # the example's pty console, here a socket
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for line in lines[:-1]:  # `stop` ends the shared VM: the last test's
+        command = line.replace("/tmp/vm.ctl", str(vm.control_path)).replace(
+            "/tmp/data.sock", str(tmp_path / "data.sock"))
+        result = subprocess.run([sys.executable, "-m", "microvmm", *shlex.split(command)[1:]],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, (line, result.stdout, result.stderr)
+        assert result.stdout.strip(), line
+    assert vm.run("echo after the examples", timeout=60) == (0, b"after the examples\n", b"")
+
+
+def test_stop_ends_the_run_and_removes_the_socket(vm):
+    import subprocess
+    import sys
+
+    from tests.e2e_support import REPO
+    import os
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "microvmm", "ctl", str(vm.control_path), "stop"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert (result.returncode, result.stdout) == (0, "stopping\n"), result.stderr
+    assert vm.proc.wait(120) == 0
+    assert not vm.control_path.exists()
