@@ -9,8 +9,8 @@ cannot be done).
 Port ids are not reused while the driver runs: after DEVICE_REMOVE Linux
 detaches the port's unused buffers from its queues, but their entries stay in
 the available rings, and a new port on the same queues would meet them. So
-`add-port` takes the next id never used, up to the capacity (max_nr_ports);
-a device reset starts afresh.
+`add-port` takes the next id never used, up to the capacity (max_nr_ports),
+for the rest of the run.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class PortHotplug:
         index = len(self.ports)
         if index >= self.capacity:
             raise PortControlError("no-port-id", f"all {self.capacity} port ids of this device are used "
-                                   "(a removed port's id is free again only after a device reset)")
+                                   "(a removed port's id is not used again)")
         port = Port(index, spec, backend, size=backend.terminal_size())
         port.added = True
         self.ports.append(port)
