@@ -126,7 +126,7 @@ def test_close_gives_the_guest_eof_and_open_gives_it_back(vm, tmp_path):
     assert vm.open_port("hotplug3") == {"name": "hotplug3", "host_open": True}
     # open again: the read waits for data, which the host then sends
     reader = vm.run(f"timeout 3 cat /dev/{vport}; echo rc=$?", timeout=60)
-    assert reader == (0, b"rc=143\n", b""), reader
+    assert reader[:2] == (0, b"rc=143\n"), reader  # killed by timeout: it was waiting
     host.sendall(b"after reopening\n")
     assert vm.run(f"head -n 1 /dev/{vport}", timeout=60) == (0, b"after reopening\n", b"")
     host.close()
