@@ -153,11 +153,11 @@ class PortHotplug:
         raise PortControlError("unknown-port", f"no port named {name!r}")
 
     def _need_multiport(self) -> None:
-        if not self._active or not self._driver_ready:
-            raise PortControlError("not-ready", "the guest driver has not set the device up yet")
-        if not self._multiport:
+        if self._active and not self._multiport:
             raise PortControlError("no-multiport", "the guest driver did not negotiate "
                                    "VIRTIO_CONSOLE_F_MULTIPORT: its ports cannot change")
+        if not self._active or not self._driver_ready:
+            raise PortControlError("not-ready", "the guest driver has not set the device up yet")
 
     def _add(self, spec: "PortSpec", backend: "PortBackend") -> int:
         from microvmm.virtio_console.device import _PortListener
