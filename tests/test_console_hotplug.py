@@ -19,7 +19,7 @@ from microvmm.virtio_console.device import VirtioConsole
 from microvmm.virtio_console.hotplug import PortControlError
 from microvmm.virtio_console.spec import MAX_PORTS, parse_port_spec
 from tests.test_console_device import ALL, F_MULTIPORT, RAM, SLOT, FakeConsoleGuest, Env
-from tests.virtio_fake_driver import FakeIntxLine, FakeLegacyPciDriver, FakeMsiController, GuestAllocator
+from microvmm.testing.fakes.virtio_driver import FakeIntxLine, FakeLegacyPciDriver, FakeMsiController, GuestAllocator
 
 
 class HotplugEnv(Env):
