@@ -353,3 +353,38 @@ def test_ctl_prints_results_and_fails_on_error_objects(served):
     bad = run_cli("ctl", str(path), "open", "nosuch")
     assert bad.returncode == 1
     assert bad.stderr.strip() == "microvmm: error: unknown-port: no port named 'nosuch'"
+
+
+# ---- torture schedules (microvmm/control/torture.py) ---------------------------------------
+
+def test_torture_schedule_replays_by_seed_and_keeps_to_the_id_budget():
+    from microvmm.control.torture import schedule
+    first = schedule(1234, 300, 5, "/d")
+    assert first == schedule(1234, 300, 5, "/d")
+    assert first != schedule(1235, 300, 5, "/d")
+    assert sum(e.cmd == "add-port" for e in first) == 5
+    assert {e.cmd for e in first} == {"add-port", "remove-port", "open", "close", "resize", "send"}
+    live: set[str] = set()
+    for event in first:  # every event names a port that is there at that point
+        if event.cmd == "add-port":
+            live.add(event.args[0].lstrip("@").split(":")[1].split("=")[0])
+        else:
+            assert event.args[0] in live, event
+            if event.cmd == "remove-port":
+                live.discard(event.args[0])
+
+
+def test_torture_runs_against_the_server_and_counts_refusals(served, tmp_path):
+    from microvmm.control.client import ControlClient
+    from microvmm.control.torture import run_torture
+    _, target, path = served
+    target.console.capacity = 16  # as a real console under --control
+    with ControlClient(str(path)) as client:
+        summary = run_torture(client, seed=99, events=60, directory=str(tmp_path))
+    assert summary.id_budget == 15  # the fake's one port has id 0
+    assert summary.applied + sum(summary.refused.values()) == len(summary.log) == 60
+    assert summary.refused == {}, summary.refused  # the schedule only names ports that are there
+    assert len(target.console.ports) == 1 + sum(e.startswith(("    ", " ")) and " add-port " in e
+                                                 for e in summary.log) - sum(" remove-port " in e
+                                                                             for e in summary.log)
+    assert "seed 99" in summary.text()

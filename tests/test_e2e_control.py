@@ -220,6 +220,26 @@ def test_readme_ctl_examples_work_as_written(vm, tmp_path):
     assert vm.run("echo after the examples", timeout=60) == (0, b"after the examples\n", b"")
 
 
+# After the README's lines: it may use every port id left.
+def test_torture_schedule_leaves_the_vm_and_guest_healthy(vm):
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e_support import REPO
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "microvmm", "ctl", "--json", str(vm.control_path),
+                             "torture", "4242", "60"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["seed"] == 4242 and len(summary["log"]) == min(60, len(summary["log"]))
+    # resize of a serial port is the one refusal the schedule expects
+    assert set(summary["refused"]) <= {"not-a-console"}, summary
+    assert summary["applied"] > 0
+    assert vm.run("echo survived", timeout=60) == (0, b"survived\n", b"")
+    assert vm.healthy
+
+
 def test_stop_ends_the_run_and_removes_the_socket(vm):
     import subprocess
     import sys

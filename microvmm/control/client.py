@@ -101,8 +101,40 @@ def format_result(cmd: str, result: Any) -> str:
     return json.dumps(result)
 
 
+def _torture(args) -> int:
+    """`ctl PATH torture [SEED [EVENTS]]` (torture.py), run from this client."""
+    import os
+    import random as _random
+
+    from microvmm.control.torture import DEFAULT_EVENTS, run_torture
+    try:
+        seed = int(args.ctl_args[0]) if args.ctl_args else _random.SystemRandom().randrange(1 << 32)
+        events = int(args.ctl_args[1]) if len(args.ctl_args) > 1 else DEFAULT_EVENTS
+    except ValueError:
+        print("microvmm: error: torture takes [SEED [EVENTS]] (integers)", file=sys.stderr)
+        return 2
+    directory = os.path.dirname(os.path.abspath(args.path))
+    try:
+        with ControlClient(args.path, timeout=args.timeout) as client:
+            summary = run_torture(client, seed, events, directory)
+    except ControlConnectError as err:
+        print(f"microvmm: error: {err} (torture seed {seed})", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"microvmm: error: {args.path}: {err} (torture seed {seed})", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"seed": summary.seed, "applied": summary.applied, "refused": summary.refused,
+                          "id_budget": summary.id_budget, "log": summary.log}))
+    else:
+        print("\n".join(summary.log + [summary.text()]))
+    return 0
+
+
 def ctl_main(args) -> int:
     """`microvmm ctl`: 0 on a result, 1 on an error object, 2 when the socket is not there."""
+    if args.ctl_command == "torture":
+        return _torture(args)
     try:
         with ControlClient(args.path, timeout=args.timeout) as client:
             reply = client.request(args.ctl_command, *args.ctl_args)

@@ -40,7 +40,10 @@ class VmmControlTarget:
     def stats(self) -> dict:
         vmm = self._vmm
         return {"uptime_s": round(time.monotonic() - vmm.start_time, 3),
-                "vcpus": len(vmm.runners), "exits": vmm.exit_statistics()}
+                "vcpus": len(vmm.runners), "exits": vmm.exit_statistics(),
+                # port ids are never reused (hotplug.py): what add-port has left
+                "consoles": [{"device": name, "capacity": console.capacity, "ids_used": len(console.ports)}
+                             for name, console in self.consoles()]}
 
     def stop(self) -> None:
         from microvmm.vcpu_runner import StopReason, VcpuStop
