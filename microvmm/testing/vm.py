@@ -234,6 +234,12 @@ class MicroVM:
     def stop(self) -> str:
         return self.ctl("stop")
 
+    def torture(self, seed: int, events: int = 200):
+        """`ctl torture`: the seeded event schedule; its TortureSummary (microvmm/control/torture.py)."""
+        from microvmm.control.torture import run_torture
+        self.ctl("help")  # connected, and the VM alive
+        return run_torture(self._control, seed, events, str(self._socket_dir))
+
     def port(self, name: str) -> PortChannel:
         """The host end of the port `name` given in `ports=[...]`."""
         if name not in self.spec.ports:
