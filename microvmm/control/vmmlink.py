@@ -35,7 +35,7 @@ class VmmControlTarget:
         return create_backend(spec, sys.stderr)
 
     def dump(self) -> str:
-        return self._vmm._where_report()
+        return self._vmm.diagnostics.where()
 
     def stats(self) -> dict:
         vmm = self._vmm
