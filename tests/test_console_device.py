@@ -334,6 +334,39 @@ def test_pty_reader_drives_port_open(make_env):
     assert guest.until(lambda: guest.host_open.get(0) is False)
 
 
+def test_output_tap_sees_console_output_when_the_guest_prints_it(make_env):
+    """The VMM's monitor (--expect, --log, failure watch) sees what the guest
+    printed on a console even while no one has the pty open (the bytes wait
+    in the port), once; a serial port's bytes when its backend takes them."""
+    env = make_env(["@pty:con", "socket:data={tmp}/data.sock:server"])
+    tapped: list[tuple[str, bytes]] = []
+    env.device.output_tap = lambda name, data: tapped.append((name, bytes(data)))
+    guest = env.guest
+    guest.probe()
+    assert guest.until(lambda: 0 in guest.consoles and 1 in guest.names)
+    guest.write(0, b"microvmm: init reached\n")
+    assert guest.until(lambda: guest.tx_room(0) == 64)  # console buffers are used at once
+    assert wait_for(lambda: tapped == [("con", b"microvmm: init reached\n")])
+    assert env.device.stats()[0].buffered_bytes == len(b"microvmm: init reached\n")
+    slave = os.open(env.device.ports[0].backend.path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        data = b""
+        while len(data) < len(b"microvmm: init reached\n"):
+            data += os.read(slave, 100)
+        assert data == b"microvmm: init reached\n"
+        assert wait_for(lambda: env.device.stats()[0].buffered_bytes == 0)
+        assert tapped == [("con", b"microvmm: init reached\n")]  # not seen twice
+    finally:
+        os.close(slave)
+    peer = env.connect("data.sock")
+    assert guest.until(lambda: guest.host_open.get(1) is True)
+    guest.open_port(1)
+    guest.write(1, b"data bytes")
+    assert recv_exact(peer, 10) == b"data bytes"
+    assert wait_for(lambda: ("data", b"data bytes") in tapped)
+    peer.close()
+
+
 def test_emergency_write_before_and_after_driver_ok(make_env):
     env = make_env(THREE_PORTS)
     peer = env.connect("con.sock")

@@ -145,8 +145,11 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
         self._fail: Callable[[str], None] = lambda reason: None
         self._generation = 0
         self._control_out: deque[bytes] = deque()
-        #: Sees every byte a port delivered to its backend (the VMM's log and
-        #: failure watch); called on the I/O thread.
+        #: Sees every byte the guest printed (the VMM's log, failure watch and
+        #: --expect): on a console port when the device takes the bytes from
+        #: the guest, held or not (an unattached pty takes nothing, yet the
+        #: guest's console said it); on other ports when the backend takes
+        #: them. Called on the I/O thread.
         self.output_tap: Callable[[str, bytes], None] | None = None
         for port in self.ports:
             listener = _PortListener(self, port)
@@ -359,7 +362,7 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
                 if taken < sum(map(len, part)):
                     break
         port.to_host_bytes += written
-        if written and self.output_tap is not None:
+        if written and self.output_tap is not None and not port.console:
             self.output_tap(port.spec.name, _prefix(views, written))
         return written
 
@@ -413,6 +416,8 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
                     break
                 written = 0 if port.held else self._write_out_vectored(port, views)
                 if console:
+                    if self.output_tap is not None:
+                        self.output_tap(port.spec.name, b"".join(views))
                     for view in _suffix(views, written):
                         port.hold(view)
                     queue.add_used_batch(heads)
@@ -455,6 +460,8 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
 
     def _emergency_write(self, char: bytes) -> None:
         port = self.ports[0]
+        if port.console and self.output_tap is not None:
+            self.output_tap(port.spec.name, bytes(char))
         port.hold(char)
         self._process_tx(port)
 
