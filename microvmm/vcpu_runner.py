@@ -135,6 +135,8 @@ class VcpuRunner:
         self.workarounds_applied: dict[str, int] = {}
         #: Exits by reason, for statistics; only this vCPU's thread writes it.
         self.exit_counts: dict[str, int] = {}
+        #: Seconds this vCPU's first device exit waited at the gate (statistics).
+        self.gate_wait_s = 0.0
         self._sync_exit_regs = sync_exit_regs
         self._exit_regs: memoryview | None = None  # into kvm_run: only while the thread runs
         # Copy of the registers at the last exit (or at entry), its time and reason.
@@ -286,7 +288,9 @@ class VcpuRunner:
 
     def _await_devices(self) -> bool:
         """Wait at the gate for the buses; False: the VM is stopping (the build failed)."""
+        waited_from = time.monotonic()
         buses = self._gate.wait(self._stopping)
+        self.gate_wait_s = time.monotonic() - waited_from
         if buses is None:
             self._stopping.set()
             return False

@@ -486,7 +486,8 @@ class Vmm:
     def exit_statistics(self) -> str:
         """Exits by reason and port/MMIO accesses by device (--stats, --profile)."""
         from microvmm.run.stats import exit_statistics
-        return exit_statistics(self.runners, self.buses)
+        first_run = None if self.start_time is None else (self.start_time, self.start_time - self.monitor.started)
+        return exit_statistics(self.runners, self.buses, first_run)
 
     # -- stop paths -----------------------------------------------------------
 

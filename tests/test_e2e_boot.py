@@ -118,6 +118,7 @@ def test_poweroff_ends_vm_with_status_zero(guest):
     # --stats: exits by reason and the UART's share of port accesses
     assert re.search(r"vCPU exits by reason: io \d+", guest.stderr.text)
     assert re.search(r"pio accesses by device: .*com1 \d+r/\d+w", guest.stderr.text)
+    assert re.search(r"first KVM_RUN at CLOCK_MONOTONIC \d+\.\d+ s", guest.stderr.text)
 
 
 def test_profile_names_functions_that_really_ran(profile_path):
