@@ -135,8 +135,10 @@ class VcpuRunner:
         self.workarounds_applied: dict[str, int] = {}
         #: Exits by reason, for statistics; only this vCPU's thread writes it.
         self.exit_counts: dict[str, int] = {}
-        #: Seconds this vCPU's first device exit waited at the gate (statistics).
+        #: Seconds this vCPU's first device exit waited at the gate, and that
+        #: exit (statistics).
         self.gate_wait_s = 0.0
+        self.gate_exit = ""
         self._sync_exit_regs = sync_exit_regs
         self._exit_regs: memoryview | None = None  # into kvm_run: only while the thread runs
         # Copy of the registers at the last exit (or at entry), its time and reason.
@@ -250,6 +252,7 @@ class VcpuRunner:
                     return
                 bus = self._io_bus
                 if bus is None:  # devices still being built: once per run
+                    self.gate_exit = f"{'out' if out else 'in'} {port:#x}"
                     if not self._await_devices():
                         return
                     bus = self._io_bus
@@ -269,8 +272,10 @@ class VcpuRunner:
             if reason == ExitReason.MMIO:
                 counts["mmio"] += 1
                 mmio = vcpu.mmio
-                if self._mmio_bus is None and not self._await_devices():
-                    return
+                if self._mmio_bus is None:
+                    self.gate_exit = f"mmio {'write' if mmio.is_write else 'read'} {mmio.phys_addr:#x}"
+                    if not self._await_devices():
+                        return
                 if mmio.is_write:
                     self._mmio_bus.write(mmio.phys_addr, mmio.len, int.from_bytes(mmio.data, "little"))
                 else:

@@ -26,7 +26,7 @@ def exit_statistics(runners: Iterable, buses: Iterable,
         # from here, not from the VMM's (Python's) start-up.
         lines.append(f"first KVM_RUN at CLOCK_MONOTONIC {first_run[0]:.6f} s, "
                      f"{first_run[1]:.3f} s after the VMM started")
-    waits = ", ".join(f"vCPU {r.index} {r.gate_wait_s:.3f} s" for r in runners if r.gate_wait_s)
+    waits = ", ".join(f"vCPU {r.index} {r.gate_wait_s:.3f} s ({r.gate_exit})" for r in runners if r.gate_exit)
     if waits:
         lines.append(f"waited at the device gate (the devices still being built): {waits}")
     for bus in buses:
