@@ -34,6 +34,8 @@ test-host: images
 test-kvm: images
 	PYTHON=$(PYTHON) ./scripts/test-kvm
 
+# The benchmarks, then the boot benchmark in the real-KVM lane (realkvm_*
+# figures) unless /dev/kvm here is hardware KVM (bench/README.md).
 bench: images
 	$(PYTHON) bench/run_all.py
 
