@@ -237,13 +237,12 @@ class Vmm:
         # Each exit's registers in kvm_run, for where a vCPU that KVM resets on a
         # triple fault (AMD) was last seen.
         sync_regs = bool(vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
-        tsc_deadline = bool(vm.check_extension(Cap.TSC_DEADLINE_TIMER))
         for index in range(config.cpus):
             vcpu = vm.create_vcpu(index)
             self._closers.append(vcpu.close)
             # KVM's own CpuidEntry objects in, the same type out (boot/cpuid.py).
             vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus,
-                                       quirks.hidden_kvm_pv_features, tsc_deadline_timer=tsc_deadline))
+                                       quirks.hidden_kvm_pv_features))
             vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
             if index == 0:
                 self._set_boot_state(vcpu, boot)

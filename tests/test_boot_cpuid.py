@@ -49,16 +49,6 @@ def test_leaf1_identity_and_hypervisor_bit():
         assert leaf1.eax == 0x00830F10
 
 
-def test_tsc_deadline_timer_is_offered_only_when_kvm_emulates_it():
-    # KVM's supported list never has leaf 1 ECX bit 24: the VMM sets it when
-    # KVM_CAP_TSC_DEADLINE_TIMER says KVM emulates the timer.
-    supported = [KvmEntry(0x1, 0, 0, 0x00830F10, 0x00000800, 0x00202000, 0x178BFBFF)]
-    offered = by_key(vcpu_cpuid(supported, 0, 1, tsc_deadline_timer=True))[(1, 0)]
-    assert offered.ecx == 0x00202000 | (1 << 24) | (1 << 31)
-    plain = by_key(vcpu_cpuid(supported, 0, 1))[(1, 0)]
-    assert plain.ecx == 0x00202000 | (1 << 31)
-
-
 def test_single_vcpu_clears_htt():
     leaf1 = by_key(vcpu_cpuid(SUPPORTED, 0, 1))[(1, 0)]
     assert not leaf1.edx & (1 << 28)

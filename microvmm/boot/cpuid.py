@@ -8,12 +8,7 @@ same ids the MP table lists).
 
 Changed, and nothing else:
 - leaf 0x1: EBX[31:24] initial APIC id, EBX[23:16] logical processors per
-  package, EDX bit 28 (HTT) iff more than one; ECX bit 31 hypervisor present;
-  ECX bit 24 (TSC-deadline timer) when the caller says KVM emulates it
-  (KVM_CAP_TSC_DEADLINE_TIMER: KVM's supported list never has that bit, the
-  VMM is to set it). Without it Linux calibrates its local APIC timer against
-  the PIT at boot (100 ms of ticks at best; on nested SVM the calibration
-  fails and the PIT becomes the tick, each timer programmed by port I/O).
+  package, EDX bit 28 (HTT) iff more than one; ECX bit 31 hypervisor present.
 - leaf 0x4 (Intel cache topology), every subleaf: EAX[31:26] = addressable core
   ids per package - 1 (the next power of two of num_vcpus, minus 1).
 - leaves 0xB and 0x1F (extended topology), when KVM offers them: subleaf 0 =
@@ -63,7 +58,6 @@ LEAF_AMD_SIZE_IDS = 0x8000_0008
 LEAF_KVM_FEATURES = 0x4000_0001
 
 LEAF1_ECX_HYPERVISOR = 1 << 31
-LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_EDX_HTT = 1 << 28
 
 TOPOLOGY_LEVEL_INVALID = 0
@@ -111,12 +105,11 @@ def _topology_subleaf(entry, apic_id: int, num_vcpus: int):
 
 
 def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int,
-               hidden_kvm_features: KvmPvFeature = KvmPvFeature(0), tsc_deadline_timer: bool = False) -> list:
+               hidden_kvm_features: KvmPvFeature = KvmPvFeature(0)) -> list:
     """The CPUID entries for vCPU `vcpu_index` of `num_vcpus`, derived from KVM's supported list.
 
     `hidden_kvm_features` are cleared from the KVM paravirt feature leaf, so
-    the guest never uses them. `tsc_deadline_timer`: KVM emulates the
-    TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER), offered in leaf 0x1.
+    the guest never uses them.
 
     Accepts any objects with function/index/flags/eax/ebx/ecx/edx attributes
     and leaves them untouched. Dataclass entries (such as the KVM binding's
@@ -141,10 +134,7 @@ def vcpu_cpuid(supported: Iterable[CpuidLike], vcpu_index: int, num_vcpus: int,
         if entry.function == LEAF_FEATURES:
             ebx = (entry.ebx & 0x0000_FFFF) | (num_vcpus << 16) | (apic_id << 24)
             edx = entry.edx | LEAF1_EDX_HTT if num_vcpus > 1 else entry.edx & ~LEAF1_EDX_HTT
-            ecx = entry.ecx | LEAF1_ECX_HYPERVISOR
-            if tsc_deadline_timer:
-                ecx |= LEAF1_ECX_TSC_DEADLINE
-            entry = replace(entry, ebx=ebx, ecx=ecx, edx=edx)
+            entry = replace(entry, ebx=ebx, ecx=entry.ecx | LEAF1_ECX_HYPERVISOR, edx=edx)
         elif entry.function == LEAF_CACHE_PARAMS:
             core_ids = min((1 << _apic_id_shift(num_vcpus)) - 1, 0x3F)  # 6-bit field
             entry = replace(entry, eax=(entry.eax & 0x03FF_FFFF) | (core_ids << 26))
