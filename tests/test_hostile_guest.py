@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from microvmm.eventloop import EventLoop
 from microvmm.pci.msix import ENTRY_SIZE
 from microvmm.virtio_console.control import BAD_ID, ControlEvent
-from microvmm.virtio_console.device import CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG
+from microvmm.virtio_console.control_queues import CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG
 from microvmm.testing.fakes.hostile import (
     CTRL, F_MULTIPORT, PAGE, REG_QUEUE_NOTIFY, REG_STATUS, REGIONS, SLOT, CaseResult, ConsoleRig,
     HypothesisChooser, RandomChooser, check_state, collect, run_case,

@@ -8,20 +8,7 @@ import socket
 import sys
 from typing import Any
 
-from microvmm.control.protocol import ENCODING, MAX_LINE
-
-
-class ControlConnectError(Exception):
-    """The control socket cannot be reached."""
-
-
-class ControlReplyError(Exception):
-    """The VM answered with an error object."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+from microvmm.control.protocol import ENCODING, MAX_LINE, ControlConnectError, ControlReplyError  # noqa: F401
 
 
 class ControlClient:

@@ -25,6 +25,19 @@ MAX_LINE = 64 * 1024
 ENCODING = "utf-8"
 
 
+class ControlConnectError(Exception):
+    """The control socket cannot be reached."""
+
+
+class ControlReplyError(Exception):
+    """The VM answered with an error object."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 class ErrorCode(str, enum.Enum):
     BAD_JSON = "bad-json"
     BAD_REQUEST = "bad-request"

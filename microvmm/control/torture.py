@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from microvmm.control.protocol import ControlReplyError
 from microvmm.virtio_console.spec import MAX_PORTS
 
 DEFAULT_EVENTS = 200
@@ -91,7 +92,6 @@ def id_budget_of(ports: list[dict], device: str = "virtio-console0") -> int:
 
 def run_torture(client, seed: int, events: int, directory: str, pause: float = 0.0) -> TortureSummary:
     """Send the schedule; refused events (e.g. resize of a serial port) are counted."""
-    from microvmm.control.client import ControlReplyError
     started = time.monotonic()
     consoles = client.call("stats").get("consoles")
     if consoles:

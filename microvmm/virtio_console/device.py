@@ -33,10 +33,9 @@ from microvmm.virtio.queue import VirtQueueError
 from microvmm.virtio_console import control
 from microvmm.virtio_console.backends import MAX_IOV, PortBackend, TerminalSize, create_backend
 from microvmm.virtio_console.control import ControlError
-from microvmm.virtio_console.control_queues import (  # noqa: F401 (MAX_CONTROL_BACKLOG: re-exported)
-    CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, MAX_CONTROL_BACKLOG, ControlQueues)
+from microvmm.virtio_console.control_queues import CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, ControlQueues
 from microvmm.virtio_console.hotplug import PortHotplug
-from microvmm.virtio_console.port import PendingChain, Port, PortStats
+from microvmm.virtio_console.port import PendingChain, Port, PortListener, PortStats
 from microvmm.virtio_console.spec import MAX_PORTS, PortSpec, validate_ports
 
 if TYPE_CHECKING:
@@ -97,26 +96,6 @@ def tx_queue_index(port: int) -> int:
     return rx_queue_index(port) + 1
 
 
-class _PortListener:
-    """Routes one backend's events to the device (on the loop thread)."""
-
-    def __init__(self, device: "VirtioConsole", port: Port):
-        self._device = device
-        self._port = port
-
-    def backend_readable(self) -> None:
-        self._device._guarded(lambda: self._device._process_rx(self._port))
-
-    def backend_writable(self) -> None:
-        self._device._guarded(lambda: self._device._process_tx(self._port))
-
-    def backend_connection_changed(self, connected: bool) -> None:
-        self._device._guarded(lambda: self._device._connection_changed(self._port, connected))
-
-    def backend_resized(self, size: TerminalSize) -> None:
-        self._device._guarded(lambda: self._device._apply_resize(self._port, size))
-
-
 class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
     device_type = VirtioDeviceType.CONSOLE
 
@@ -152,7 +131,7 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
         #: them. Called on the I/O thread.
         self.output_tap: Callable[[str, bytes], None] | None = None
         for port in self.ports:
-            listener = _PortListener(self, port)
+            listener = self._port_listener(port)
             loop.call_soon_threadsafe(lambda p=port, li=listener: p.backend.attach(loop, li))
 
     @classmethod
@@ -284,6 +263,10 @@ class VirtioConsole(PortHotplug, ControlQueues, VirtioDevice):
             if generation == self._generation:
                 work()
         self._loop.call_soon_threadsafe(lambda: self._guarded(run))
+
+    def _port_listener(self, port: Port) -> PortListener:
+        """What a port's backend calls on the loop thread (also for hot-plugged ports)."""
+        return PortListener(self, port)
 
     def _guarded(self, work: Callable[[], None]) -> None:
         """Run work under the lock; bad guest input fails the device."""

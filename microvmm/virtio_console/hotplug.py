@@ -160,7 +160,6 @@ class PortHotplug:
             raise PortControlError("not-ready", "the guest driver has not set the device up yet")
 
     def _add(self, spec: "PortSpec", backend: "PortBackend") -> int:
-        from microvmm.virtio_console.device import _PortListener
         from microvmm.virtio_console.port import Port
         self._need_multiport()
         validate_ports([p.spec for p in self.ports if not p.unplugged] + [spec], max_ports=None)
@@ -171,7 +170,7 @@ class PortHotplug:
         port = Port(index, spec, backend, size=backend.terminal_size())
         port.added = True
         self.ports.append(port)
-        backend.attach(self._loop, _PortListener(self, port))  # type: ignore[arg-type]
+        backend.attach(self._loop, self._port_listener(port))  # type: ignore[attr-defined]
         self._send_control(control.device_add(index))
         logger.info("virtio-console: port %d (%s) added", index, spec.name)
         return index

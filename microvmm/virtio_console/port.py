@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from microvmm.virtio_console.backends import PortBackend, TerminalSize
 from microvmm.virtio_console.spec import PortSpec
+
+if TYPE_CHECKING:
+    from microvmm.virtio_console.device import VirtioConsole
 
 #: Host-side buffer for console ports, whose guest (hvc) spins until its
 #: output buffer is used: beyond this, output is dropped and counted.
@@ -90,3 +94,23 @@ class Port:
         buffered = len(self.held) + (len(self.pending.remaining) if self.pending else 0)
         return PortStats(self.spec.name, self.to_host_bytes, self.to_guest_bytes,
                          self.dropped_bytes, buffered)
+
+
+class PortListener:
+    """Routes one backend's events to the device (on the loop thread)."""
+
+    def __init__(self, device: "VirtioConsole", port: Port):
+        self._device = device
+        self._port = port
+
+    def backend_readable(self) -> None:
+        self._device._guarded(lambda: self._device._process_rx(self._port))
+
+    def backend_writable(self) -> None:
+        self._device._guarded(lambda: self._device._process_tx(self._port))
+
+    def backend_connection_changed(self, connected: bool) -> None:
+        self._device._guarded(lambda: self._device._connection_changed(self._port, connected))
+
+    def backend_resized(self, size: TerminalSize) -> None:
+        self._device._guarded(lambda: self._device._apply_resize(self._port, size))
