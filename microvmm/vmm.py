@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from microvmm.diag.live import LiveDiagnostics
 from microvmm.exitcodes import ExitCode
 from microvmm.hostinfo import HostKind
-from microvmm.run.command import (COMMAND_FILE, COMMAND_STATUS_PORT, COMMAND_STDERR_PORT,  # noqa: F401
-                                  COMMAND_STDOUT_PORT, command_script, parse_command_status)
+from microvmm.run.command import COMMAND_FILE, COMMAND_STDOUT_PORT, command_script, parse_command_status
 from microvmm.run.created_files import CreatedFiles
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog,  # noqa: F401
@@ -31,7 +30,7 @@ from microvmm.run.kernel_log import (KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelCo
 from microvmm.run.serial_console import SerialConsole, SerialConsoleError
 from microvmm.run_monitor import Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, DeviceGate, StopReason, VcpuRunner, VcpuStop
-from microvmm.vmconfig import COMMAND_PARAM, VmConfig, command_parameter, kernel_cmdline  # noqa: F401
+from microvmm.vmconfig import VmConfig, kernel_cmdline
 from microvmm.vmprep import VmmError, VmPreparation
 
 if TYPE_CHECKING:
@@ -40,10 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COM1_BASE, COM1_IRQ = 0x3F8, 4
-# x86 MSRs Linux expects a loader to have set up (as on a real BSP after firmware).
-MSR_IA32_MISC_ENABLE = 0x1A0
-MISC_ENABLE_FAST_STRING = 1
 #: Set to "1" to stop right at the first KVM_RUN (the start-up benchmark: run/first_run_hook.py).
 EXIT_AT_FIRST_RUN_ENV = "MICROVMM_EXIT_AT_FIRST_RUN"
 
@@ -182,8 +177,7 @@ class Vmm:
         the vCPUs in their boot state, and every host resource a user's option
         names (serial file, console port backends) so that those fail before the
         guest runs. Devices come later (_build_devices)."""
-        from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot, vcpu_cpuid
-        from microvmm.kvm import KVM_SYNC_X86_REGS, Cap
+        from microvmm.boot import RNG_SEED_SIZE, setup_linux_boot
 
         config = self.config
         self.kernel_console = plan = plan_kernel_console(config)
@@ -233,23 +227,10 @@ class Vmm:
         if not config.kaslr:
             logger.info("kernel address randomization off ('nokaslr' added): System.map addresses "
                         "are the running kernel's (--kaslr keeps it)")
-        self._gate = gate = DeviceGate()
-        # Each exit's registers in kvm_run, for where a vCPU that KVM resets on a
-        # triple fault (AMD) was last seen.
-        sync_regs = bool(vm.check_extension(Cap.SYNC_REGS) & KVM_SYNC_X86_REGS)
-        for index in range(config.cpus):
-            vcpu = vm.create_vcpu(index)
-            self._closers.append(vcpu.close)
-            # KVM's own CpuidEntry objects in, the same type out (boot/cpuid.py).
-            vcpu.set_cpuid2(vcpu_cpuid(supported, index, config.cpus,
-                                       quirks.hidden_kvm_pv_features))
-            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
-            if index == 0:
-                self._set_boot_state(vcpu, boot)
-            runner = VcpuRunner(index, vcpu, memory, None, None, quirks,
-                                on_stop=self._vcpu_stopped, gate=gate,
-                                sync_exit_regs=sync_regs)
-            self.runners.append(runner)
+        self._gate = DeviceGate()
+        from microvmm.vcpus import create_vcpu_runners
+        self.runners = create_vcpu_runners(vm, memory, boot, config.cpus, supported, quirks, self._gate,
+                                           self._vcpu_stopped, self._closers)
 
     def _device_requests(self) -> list:
         """The PCI devices to plan: the first virtio-console (the --console
@@ -290,32 +271,18 @@ class Vmm:
         """Everything the guest needs only later, built while vCPU 0 runs: the
         legacy devices, the PCI bus, the virtio-console with its irqfds and
         ioeventfds, the event loop. Its exits wait at the gate until this is done."""
-        from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
-        from microvmm.devices.i8042 import I8042, I8042_BASE, I8042_PORT_COUNT
-        from microvmm.devices.legacy import IO_DELAY_PORTS, NullDevice
-        from microvmm.devices.rtc import RTC_BASE, RTC_PORT_COUNT, CmosRtc
-        from microvmm.devices.serial import UART_PORT_COUNT, Serial16550A
+        from microvmm.devices.pc import legacy_pc_devices
         from microvmm.eventloop import EventLoop
         from microvmm.outputbatch import OutputBatcher
 
-        vm = self.vm
         self.loop = loop = EventLoop()
         self._closers.append(loop.close)
         # The UART sends a byte per vCPU exit: pass them on in runs (lines).
         self._serial_batch = OutputBatcher(self._serial_output, loop)
-        self.io_bus = Bus("pio", address_limit=PIO_ADDRESS_LIMIT)
-        self.mmio_bus = Bus("mmio", unclaimed_granule=0x1000)
-
-        # Legacy devices
-        self.serial = Serial16550A(irq_level=lambda level: vm.irq_line(COM1_IRQ, level),
-                                   output=self._serial_batch.write,
-                                   rx_ready=lambda: self.loop.call_soon_threadsafe(self._feed_serial))
-        self.io_bus.register(COM1_BASE, UART_PORT_COUNT, self.serial, "com1")
-        self.io_bus.register(I8042_BASE, I8042_PORT_COUNT, I8042(reset_requested=self._reset_requested),
-                             "i8042")
-        self.io_bus.register(RTC_BASE, RTC_PORT_COUNT, CmosRtc(), "rtc")
-        for delay_port in IO_DELAY_PORTS:
-            self.io_bus.register(delay_port.base, delay_port.length, NullDevice(), delay_port.name)
+        pc = legacy_pc_devices(self.vm.irq_line, self._serial_batch.write,
+                               lambda: loop.call_soon_threadsafe(self.serial_console.feed),
+                               self._reset_requested)
+        self.io_bus, self.mmio_bus, self.serial = pc.io_bus, pc.mmio_bus, pc.serial
         self._build_pci()
 
     def _build_pci(self) -> None:
@@ -339,54 +306,22 @@ class Vmm:
         self._watch_winch = any(p.backend.value in ("stdio", "tty", "pty") for p in self.config.all_ports)
 
     def _port_output_tap(self, name: str, data: bytes) -> None:
-        if name != KMSG_PORT:  # the log port feeds the monitor itself (_kernel_log_output)
+        if name != KMSG_PORT:  # the log port feeds the monitor itself (KernelLog.port_output)
             self.monitor.feed(name, data)
 
     def _run_ports(self) -> list:
-        """The ports the run needs on the first console, after the user's."""
+        """The ports the run needs on the first console, after the user's: the
+        `-- CMD` ports, then the kernel's log port (last, so that the user's
+        ports keep their numbers and hvc0 stays the first user console)."""
         ports = []
         if self.config.command is not None:
-            command_ports = self._command_ports()
-            for _, backend in command_ports:
-                self._closers.append(backend.close)
-            ports += command_ports
+            from microvmm.run.command import command_ports
+            command, self._status_port = command_ports(sys.stdout.fileno(), sys.stderr.fileno())
+            self._closers.extend(backend.close for _, backend in command)
+            ports += command
         if self.kernel_console.kmsg:
-            # Last, so that the user's ports keep their numbers and hvc0 stays
-            # the first user console: this one is hvcN, N = user consoles.
-            from microvmm.virtio_console.backends import CallbackBackend
-            from microvmm.virtio_console.spec import BackendKind, PortSpec
-            ports.append((PortSpec(console=True, backend=BackendKind.FILE, name=KMSG_PORT, path=None),
-                          CallbackBackend(KMSG_PORT, self._kernel_log_output)))
+            ports.append(self.kernel_log.port())
         return ports
-
-    def _command_ports(self) -> list:
-        """The ports a `-- CMD` run talks through (see guest/README.md)."""
-        from microvmm.virtio_console.backends import CaptureBackend, FdSinkBackend
-        from microvmm.virtio_console.spec import BackendKind, PortSpec
-
-        def spec(name: str) -> PortSpec:
-            return PortSpec(console=False, backend=BackendKind.FILE, name=name, path=None)
-        self._status_port = CaptureBackend(COMMAND_STATUS_PORT)
-        return [(spec(COMMAND_STDOUT_PORT), FdSinkBackend(COMMAND_STDOUT_PORT, sys.stdout.fileno())),
-                (spec(COMMAND_STDERR_PORT), FdSinkBackend(COMMAND_STDERR_PORT, sys.stderr.fileno())),
-                (spec(COMMAND_STATUS_PORT), self._status_port)]
-
-    def _set_boot_state(self, vcpu, boot) -> None:
-        """Long mode at the kernel's 64-bit entry, as the boot loader computed it."""
-        from microvmm.kvm import DTable, Fpu, Regs, Segment
-        state = boot.cpu_state
-        sregs = vcpu.get_sregs()
-        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
-            seg = getattr(state, name)
-            setattr(sregs, name, Segment(base=seg.base, limit=seg.limit, selector=seg.selector,
-                                         type=seg.type, present=seg.present, dpl=seg.dpl, db=seg.db,
-                                         s=seg.s, l=seg.l, g=seg.g, avl=seg.avl))
-        sregs.gdt = DTable(state.gdt.base, state.gdt.limit)
-        sregs.idt = DTable(state.idt.base, state.idt.limit)
-        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(Regs(rip=state.rip, rsp=state.rsp, rsi=state.rsi, rflags=state.rflags))
-        vcpu.set_fpu(Fpu())
 
     def _open_serial_sink(self) -> SerialConsole:
         """The serial console's backend when a user's path names it (a file,
@@ -571,11 +506,6 @@ class Vmm:
         self.monitor.feed("serial", data)
         self.serial_console.output(data)
 
-    def _feed_serial(self) -> None:
-        self.serial_console.feed()
-
-    def _kernel_log_output(self, data: bytes) -> None:
-        self.kernel_log.port_output(data)
 
 
 def run_vm(config: VmConfig, preparation: VmPreparation | None = None) -> int:

@@ -132,6 +132,13 @@ class KernelLog:
         self._records(finalized_only=True)
         loop.call_soon_threadsafe(self._poll)
 
+    def port(self) -> tuple:
+        """The log port: a console only the kernel writes to (PortSpec, backend)."""
+        from microvmm.virtio_console.backends import CallbackBackend
+        from microvmm.virtio_console.spec import BackendKind, PortSpec
+        return (PortSpec(console=True, backend=BackendKind.FILE, name=KMSG_PORT, path=None),
+                CallbackBackend(KMSG_PORT, self.port_output))
+
     @property
     def early_failure(self) -> bool:
         """The log port never came up and the kernel chose no restart: a reset
