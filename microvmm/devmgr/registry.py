@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 DEVICE_MODULES: dict[str, str] = {
     "virtio-console": "microvmm.virtio_console.plug",
     "virtio-rng": "microvmm.devices.virtio_rng",
+    "virtio-9p": "microvmm.devices.virtio_9p",
 }
 
 
