@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "one shares its device with --console, each further one is a device "
                           "of its own) or virtio-rng[,max-bytes=N,period=MS]; repeatable, e.g. "
                           "--device virtio-console,@stdio:con,pty:p1 --device virtio-rng")
+    run.add_argument("--share", metavar="HOST_DIR[:TAG][:ro]", action="append", default=[],
+                     help="share a host directory over virtio-9p (9P2000.L); the default guest "
+                          "mounts it at /mnt/TAG (TAG: the directory's name unless given; ro: "
+                          "every write fails with EROFS); repeatable, e.g. --share .:src:ro")
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
     run.add_argument("--modules", metavar="DIR",
@@ -270,6 +274,7 @@ def _config_from_args(args: argparse.Namespace):
     except ValueError as err:
         raise UsageError(str(err)) from None
     first_ports, devices = _ports_from_args(args)
+    devices += _shares_from_args(args, devices)
     ports = _all_ports(first_ports, devices)
     if serial.kind == "stdio" and any(p.backend.value == "stdio" for p in ports):
         raise UsageError("--serial stdio and a stdio console port cannot share the terminal: "
@@ -394,6 +399,30 @@ def _added_files_from_args(args: argparse.Namespace) -> tuple:
 def _all_ports(first_ports: list, devices: tuple) -> list:
     from microvmm.vmconfig import console_ports  # (vmconfig is imported already)
     return console_ports(first_ports, devices)
+
+
+def _shares_from_args(args: argparse.Namespace, devices: tuple) -> tuple:
+    """--share HOST_DIR[:TAG][:ro]: virtio-9p requests; tags unique among all shares."""
+    if not args.share and not any(d.kind == "virtio-9p" for d in devices):
+        return ()
+    from microvmm.devices.virtio_9p import DEVICE_NAME, parse_share
+    from microvmm.devmgr.registry import DeviceRequest
+    if args.seccomp != "off":
+        raise UsageError("--share/virtio-9p cannot be combined with --seccomp yet (the file server's "
+                         "system calls are not in the filter)")
+    shares = []
+    for text in args.share:
+        try:
+            shares.append(DeviceRequest(DEVICE_NAME, parse_share(text), f"--share {text}"))
+        except ValueError as err:
+            raise UsageError(f"--share {text!r}: {err}") from None
+    tags: set[str] = set()
+    for request in [d for d in devices if d.kind == DEVICE_NAME] + shares:
+        if request.options.tag in tags:
+            raise UsageError(f"{request.text or request.kind}: tag {request.options.tag!r} is used "
+                             f"twice (give each share its own TAG)")
+        tags.add(request.options.tag)
+    return tuple(shares)
 
 
 def _ports_from_args(args: argparse.Namespace) -> tuple[list, tuple]:

@@ -13,6 +13,9 @@ class Requirement:
     option: str
     why: str
     required: bool = True  # False: recommended
+    #: The run option that needs it ("--share"); such options are reported
+    #: as "for --share", never as required for booting.
+    feature: str = ""
 
 
 REQUIREMENTS: tuple[Requirement, ...] = (
@@ -39,6 +42,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("CONFIG_DEVTMPFS_MOUNT", "/dev mounted before init runs", required=False),
     Requirement("CONFIG_MAGIC_SYSRQ", "sysrq over hvc (^O) and /proc/sysrq-trigger", required=False),
     Requirement("CONFIG_KVM_GUEST", "paravirtual clock and faster timers under KVM", required=False),
+    Requirement("CONFIG_NET_9P", "9P, the protocol of the virtio-9p device", False, "--share"),
+    Requirement("CONFIG_NET_9P_VIRTIO", "9P's virtio transport (the share's device)", False, "--share"),
+    Requirement("CONFIG_9P_FS", "the 9p filesystem the guest mounts a share with", False, "--share"),
 )
 
 _LINE = re.compile(r"^(CONFIG_\w+)=(.*)$")
@@ -80,7 +86,7 @@ def report(path: str | Path) -> tuple[str, int]:
     for req in missing:
         state = values.get(req.option)
         now = "=m (modules cannot be loaded from microvmm's initramfs)" if state == "m" else "is not set"
-        kind = "missing" if req.required else "recommended"
+        kind = f"for {req.feature}" if req.feature else "missing" if req.required else "recommended"
         lines.append(f"{kind}: {req.option} {now}: {req.why}")
     required_missing = [req for req in missing if req.required]
     ok = len(REQUIREMENTS) - len(missing)

@@ -52,3 +52,12 @@ def test_cli_exit_codes(tmp_path):
     assert result.returncode == 1 and "missing: CONFIG_PCI is not set" in result.stdout
     result = run(str(tmp_path / "absent"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "absent" in result.stderr
+
+
+def test_share_options_are_named_for_share_without_failing_the_boot(tmp_path):
+    path = tmp_path / ".config"
+    path.write_text(FULL.replace("CONFIG_9P_FS=y", "CONFIG_9P_FS=m").replace("CONFIG_NET_9P_VIRTIO=y\n", ""))
+    out, status = report(path)
+    assert status == 0
+    assert "for --share: CONFIG_9P_FS =m" in out
+    assert "for --share: CONFIG_NET_9P_VIRTIO is not set: 9P's virtio transport" in out
