@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share a host directory over virtio-9p (9P2000.L); the default guest "
                           "mounts it at /mnt/TAG (TAG: the directory's name unless given; ro: "
                           "every write fails with EROFS); repeatable, e.g. --share .:src:ro")
+    run.add_argument("--rootfs", choices=("host",),
+                     help="host: the host's / (read-only over virtio-9p, under a tmpfs overlay) is "
+                          "the root that '-- CMD' and the shell run in, so host programs run in the "
+                          "guest (the default initramfs; a kernel with 9p and overlayfs built in), "
+                          "e.g. --rootfs host -- python3 -c 'print(1)'")
     run.add_argument("--queue-size", metavar="N", type=int, default=64,
                      help="virtqueue size of the console (default 64), e.g. --queue-size 128")
     run.add_argument("--modules", metavar="DIR",
@@ -303,6 +308,9 @@ def _config_from_args(args: argparse.Namespace):
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
     if args.append:
         cmdline = f"{cmdline} {args.append}"
+    if args.rootfs == "host":  # the default /init mounts it (guest/initramfs/lib/microvmm/rootfs.sh)
+        from microvmm.devices.virtio_9p import HOST_ROOT_TAG, ROOTFS_PARAM
+        cmdline = f"{cmdline} {ROOTFS_PARAM}={HOST_ROOT_TAG}"
     _check_cmdline_length(cmdline, args)
     return VmConfig(
         kernel=kernel, initrd=initrd, cmdline=cmdline, default_console=args.cmdline is None,
@@ -403,14 +411,16 @@ def _all_ports(first_ports: list, devices: tuple) -> list:
 
 def _shares_from_args(args: argparse.Namespace, devices: tuple) -> tuple:
     """--share HOST_DIR[:TAG][:ro]: virtio-9p requests; tags unique among all shares."""
-    if not args.share and not any(d.kind == "virtio-9p" for d in devices):
+    if not args.share and not args.rootfs and not any(d.kind == "virtio-9p" for d in devices):
         return ()
-    from microvmm.devices.virtio_9p import DEVICE_NAME, parse_share
+    from microvmm.devices.virtio_9p import DEVICE_NAME, host_root_share, parse_share
     from microvmm.devmgr.registry import DeviceRequest
     if args.seccomp != "off":
-        raise UsageError("--share/virtio-9p cannot be combined with --seccomp yet (the file server's "
-                         "system calls are not in the filter)")
+        raise UsageError("--share/--rootfs/virtio-9p cannot be combined with --seccomp yet (the file "
+                         "server's system calls are not in the filter)")
     shares = []
+    if args.rootfs == "host":
+        shares.append(DeviceRequest(DEVICE_NAME, host_root_share(), "--rootfs host"))
     for text in args.share:
         try:
             shares.append(DeviceRequest(DEVICE_NAME, parse_share(text), f"--share {text}"))

@@ -45,6 +45,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("CONFIG_NET_9P", "9P, the protocol of the virtio-9p device", False, "--share"),
     Requirement("CONFIG_NET_9P_VIRTIO", "9P's virtio transport (the share's device)", False, "--share"),
     Requirement("CONFIG_9P_FS", "the 9p filesystem the guest mounts a share with", False, "--share"),
+    Requirement("CONFIG_OVERLAY_FS", "the tmpfs overlay over the host's read-only /", False,
+                "--rootfs host"),
 )
 
 _LINE = re.compile(r"^(CONFIG_\w+)=(.*)$")

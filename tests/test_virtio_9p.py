@@ -514,3 +514,45 @@ def test_the_hostile_run_notices_an_escape(tmp_path):
     from fuzz.fuzz_9p import run_cases
     result = run_cases(tmp_path, seed=1, cases=20000, resolver=FollowingResolver)
     assert result.escapes, "a resolver that follows symlinks out of the share went unnoticed"
+
+
+# ---- --rootfs host -------------------------------------------------------------------------------
+
+
+def test_host_root_share_hides_the_kernels_filesystems():
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        hidden = NinePServer(fd, make_resolver(fd), read_only=True, hide_pseudo_filesystems=True)
+        c = Client(lambda request: hidden.handle(request, 65536))
+        c.version()
+        c.attach(1)
+        assert c.getattr(c.walk_to("etc"))["qtype"] == 0x80
+        for name in ("proc", "sys"):
+            if os.path.ismount(f"/{name}"):
+                assert errno_of(lambda: c.walk_to(name)) == errno.ENOENT
+                assert errno_of(lambda: c.walk_to(name, "self")) == errno.ENOENT
+        assert errno_of(lambda: c.lcreate(c.walk_to("tmp"), "x")) == errno.EROFS
+        plain = NinePServer(fd, make_resolver(fd), read_only=True)
+        c = Client(lambda request: plain.handle(request, 65536))
+        c.version()
+        c.attach(1)
+        if os.path.ismount("/proc"):
+            c.walk_to("proc", "self")  # (without the option, as any share would)
+    finally:
+        os.close(fd)
+
+
+def test_cli_rootfs_host(capsys, captured_config, kernel):
+    status, err, _ = run_main(capsys, ["run", "--initrd", "none", "--serial", "off", "--kernel", str(kernel),
+                                       "--rootfs", "host"])
+    assert status == 0, err
+    (config,) = captured_config
+    (device,) = config.devices
+    assert device.kind == "virtio-9p"
+    assert device.options == ShareOptions("/", "microvmm.hostroot", True, True)
+    assert "microvmm.rootfs=microvmm.hostroot" in config.cmdline.split()
+
+
+def test_tags_starting_with_microvmm_are_reserved(tmp_path):
+    with pytest.raises(ValueError, match="microvmm's own"):
+        parse_share(f"{tmp_path}:microvmm.hostroot")

@@ -58,6 +58,8 @@ class ShareOptions:
     path: str
     tag: str
     read_only: bool = False
+    #: --rootfs host: proc, sysfs & co. mounted under the share look absent.
+    hide_pseudo_filesystems: bool = False
 
 
 def default_tag(path: str) -> str:
@@ -76,6 +78,8 @@ def _checked(path: str, tag: str | None, read_only: bool) -> ShareOptions:
         tag = default_tag(path)
     if not _TAG_RE.fullmatch(tag) or tag in (".", ".."):
         raise ValueError(f"tag {tag!r}: use 1 to {MAX_TAG_LENGTH} of A-Z a-z 0-9 _ . -")
+    if tag.startswith("microvmm."):
+        raise ValueError(f"tag {tag!r}: tags starting with 'microvmm.' are microvmm's own")
     return ShareOptions(os.path.abspath(path), tag, read_only)
 
 
@@ -88,6 +92,16 @@ def parse_share(text: str) -> ShareOptions:
     if ":" in rest:
         path, tag = rest.rsplit(":", 1)
     return _checked(path, tag, read_only)
+
+
+#: The tag of `--rootfs host`'s share; /init finds it as microvmm.rootfs=TAG.
+HOST_ROOT_TAG = "microvmm.hostroot"
+ROOTFS_PARAM = "microvmm.rootfs"
+
+
+def host_root_share() -> ShareOptions:
+    """`--rootfs host`: the host's / read-only, its kernel filesystems hidden."""
+    return ShareOptions("/", HOST_ROOT_TAG, read_only=True, hide_pseudo_filesystems=True)
 
 
 def parse_options(text: str) -> ShareOptions:
@@ -130,7 +144,8 @@ def open_host(options: ShareOptions, context: "HostContext") -> OpenedShare:
 
 def create_device(opened: OpenedShare, context: "DeviceContext") -> "VirtioNineP":
     from microvmm.devices.ninep.server import NinePServer
-    server = NinePServer(opened.root_fd, opened.resolver, read_only=opened.options.read_only)
+    server = NinePServer(opened.root_fd, opened.resolver, read_only=opened.options.read_only,
+                         hide_pseudo_filesystems=opened.options.hide_pseudo_filesystems)
     device = VirtioNineP(opened.options.tag, server)
     context.closers.append(device.close)
     return device

@@ -119,3 +119,23 @@ def make_resolver(root_fd: int, prefer_openat2: bool = True) -> Resolver:
     if prefer_openat2 and openat2_works(root_fd):
         return Openat2Resolver(root_fd)
     return ComponentWalkResolver(root_fd)
+
+
+#: statfs f_type of the kernel's own filesystems: host state, not files
+#: (proc, sysfs, debugfs, tracefs, securityfs, cgroup 1/2, bpf, devpts,
+#: configfs, efivarfs, pstore, fusectl, binfmt_misc, selinuxfs).
+PSEUDO_FILESYSTEMS = frozenset({
+    0x9FA0, 0x62656572, 0x64626720, 0x74726163, 0x73636673, 0x27E0EB, 0x63677270, 0xCAFE4A11,
+    0x1CD1, 0x62656570, 0xDE5E81E4, 0x6165676C, 0x65735543, 0x42494E4D, 0xF97CFF8C,
+})
+
+
+def filesystem_type(fd: int) -> int:
+    """fstatfs(fd).f_type (Python's os.fstatvfs does not give it)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if libc.fstatfs(ctypes.c_int(fd), buffer) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int.from_bytes(buffer.raw[:8], "little")

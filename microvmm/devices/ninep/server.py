@@ -54,7 +54,7 @@ from microvmm.devices.ninep.protocol import (
     SetattrValid,
     rlerror,
 )
-from microvmm.devices.ninep.resolve import Path, Resolver, check_name
+from microvmm.devices.ninep.resolve import PSEUDO_FILESYSTEMS, Path, Resolver, check_name, filesystem_type
 
 
 #: Linux open flags as 9P2000.L carries them (P9_DOTL_*), mapped to the host's.
@@ -119,8 +119,11 @@ class NinePServer:
     """The 9P2000.L state of one share: its fids and open files."""
 
     def __init__(self, root_fd: int, resolver: Resolver, read_only: bool = False,
-                 limits: ShareLimits = ShareLimits()):
+                 limits: ShareLimits = ShareLimits(), hide_pseudo_filesystems: bool = False):
         self._root_fd = root_fd
+        self._root_dev = os.fstat(root_fd).st_dev
+        #: --rootfs host: mounts of proc, sysfs & co. under the share look absent.
+        self.hide_pseudo_filesystems = hide_pseudo_filesystems
         self._resolve = resolver
         self.read_only = read_only
         self.limits = limits
@@ -233,7 +236,11 @@ class NinePServer:
     def _lstat(self, path: Path) -> os.stat_result:
         fd = self._resolve.open(path, os.O_PATH | os.O_NOFOLLOW)
         try:
-            return os.fstat(fd)
+            st = os.fstat(fd)
+            if self.hide_pseudo_filesystems and st.st_dev != self._root_dev and \
+                    filesystem_type(fd) in PSEUDO_FILESYSTEMS:
+                raise OSError(errno.ENOENT, "a kernel filesystem (hidden)")
+            return st
         finally:
             os.close(fd)
 

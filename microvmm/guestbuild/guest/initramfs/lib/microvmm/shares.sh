@@ -12,6 +12,7 @@ for share_tag_file in "$MICROVMM_VIRTIO_SYSFS"/virtio*/mount_tag; do
     share_tag=
     read -r share_tag <"$share_tag_file" || :
     case "$share_tag" in
+        microvmm.*) continue ;;  # microvmm's own (--rootfs host: rootfs.sh)
         ''|.|..|*[!A-Za-z0-9_.-]*) echo "microvmm: share tag '$share_tag' not mounted"; continue ;;
     esac
     mkdir -p "$MICROVMM_SHARES_ROOT/$share_tag"
