@@ -211,7 +211,8 @@ class VirtioNineP(VirtioDevice):
             self._wake.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self.server.close()
+        if not self._thread.is_alive():  # (else a host call still runs: its fds go at exit)
+            self.server.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every kick so far has been served (tests, teardown)."""
