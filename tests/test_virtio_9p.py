@@ -556,3 +556,12 @@ def test_cli_rootfs_host(capsys, captured_config, kernel):
 def test_tags_starting_with_microvmm_are_reserved(tmp_path):
     with pytest.raises(ValueError, match="microvmm's own"):
         parse_share(f"{tmp_path}:microvmm.hostroot")
+
+
+def test_an_open_file_is_truncated_through_its_fd_even_when_unlinked(share):
+    c = share.client
+    fid = c.walk_to("hello.txt")
+    c.lopen(fid, O_RDWR)
+    c.unlinkat(1, "hello.txt")
+    c.setattr(fid, SETATTR_SIZE, size=3)
+    assert c.getattr(fid)["size"] == 3 and c.read(fid, 0, 100) == b"hel"

@@ -27,6 +27,7 @@ What the guest can reach:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -402,6 +403,9 @@ class NinePServer:
             raise OSError(errno.EISDIR, "a directory")
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        if fid.fd is not None and fcntl.fcntl(fid.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            os.ftruncate(fid.fd, size)  # an open file (maybe unlinked since): through its fd
+            return
         fd = self._host_open(fid.path, os.O_WRONLY, st)
         try:
             os.ftruncate(fd, size)
