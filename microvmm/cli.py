@@ -308,7 +308,7 @@ def _config_from_args(args: argparse.Namespace):
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
     if args.append:
         cmdline = f"{cmdline} {args.append}"
-    if args.rootfs == "host":  # the default /init mounts it (guest/initramfs/lib/microvmm/rootfs.sh)
+    if args.rootfs == "host":  # the default /init mounts it (microvmm/guestbuild/guest/initramfs/lib/microvmm/rootfs.sh)
         from microvmm.devices.virtio_9p import HOST_ROOT_TAG, ROOTFS_PARAM
         cmdline = f"{cmdline} {ROOTFS_PARAM}={HOST_ROOT_TAG}"
     _check_cmdline_length(cmdline, args)

@@ -31,7 +31,7 @@ from microvmm.pci.bus import PciBus
 from microvmm.virtio.pci_legacy import VirtioPciLegacy
 from tests.ninep_client import Client, NinePError, message, parse_reply
 from tests.test_cli import assert_usage_error, captured_config, kernel, no_vm, run_main  # noqa: F401
-from tests.virtio_fake_driver import (
+from microvmm.testing.fakes.virtio_driver import (
     F_INDIRECT_DESC,
     STATUS_NEEDS_RESET,
     FakeIntxLine,
