@@ -29,9 +29,8 @@ VERSION_9P2000_L = b"9P2000.L"
 
 
 class MessageType(enum.IntEnum):
-    """T-message numbers (the R-message is the number + 1)."""
+    """T-message numbers (the R-message is the number + 1); RLERROR answers any of them."""
 
-    TLERROR = 6
     RLERROR = 7
     TSTATFS = 8
     TLOPEN = 12

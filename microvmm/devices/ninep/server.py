@@ -653,7 +653,8 @@ class NinePServer:
         return MessageWriter()
 
     def _do_rename(self, old_dir: Path, old_name: bytes, new_dir: Path, new_name: bytes) -> None:
-        check_name(old_name), check_name(new_name)
+        check_name(old_name)
+        check_name(new_name)
         self._writable()
         source = self._open_dir(old_dir)
         try:
