@@ -41,7 +41,7 @@ from common import REPO, report  # noqa: F401  (REPO: puts the repository on sys
 from microvmm.eventloop import EventLoop
 from microvmm.memory import GuestMemory
 from microvmm.pci.bus import PciBus
-from microvmm.run_monitor import RunMonitor
+from microvmm.run.monitor import RunMonitor
 from microvmm.virtio_console.control import BAD_ID, ControlEvent
 from microvmm.virtio_console.device import ConsoleFeature, VirtioConsole, rx_queue_index, tx_queue_index
 from microvmm.virtio_console.spec import parse_port_spec

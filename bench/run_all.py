@@ -52,7 +52,7 @@ def main() -> int:
 
 def hardware_kvm_here() -> bool:
     sys.path.insert(0, str(HERE.parent))
-    from microvmm.hostinfo import HostKind, detect_host_kind
+    from microvmm.host.hostinfo import HostKind, detect_host_kind
     return os.path.exists("/dev/kvm") and detect_host_kind()[0] is HostKind.HARDWARE
 
 

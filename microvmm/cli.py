@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from microvmm.exitcodes import HELP_TEXT, ExitCode
+from microvmm.run.exitcodes import HELP_TEXT, ExitCode
 from microvmm.images import BUILD_HINT, default_images_dir
 
 #: Without --cmdline; microvmm adds the console= (the kernel's log on a port
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace):
     from microvmm.boot.layout import MemoryLayoutError, guest_ram_layout
-    from microvmm.run_monitor import FailureLevel
+    from microvmm.run.monitor import FailureLevel
     from microvmm.vmconfig import SerialConfig, VmConfig  # deferred: keeps --help fast
 
     images = default_images_dir()
@@ -263,7 +263,7 @@ def _config_from_args(args: argparse.Namespace):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{option.replace('_', '-')} {value:g}: must be a positive number of seconds")
     if args.seccomp != "off":
-        from microvmm.seccomp import supported
+        from microvmm.host.seccomp import supported
         usable, why = supported()
         if not usable:
             raise UsageError(f"--seccomp {args.seccomp}: not available here: {why}")
@@ -347,7 +347,7 @@ def _check_cmdline_length(cmdline: str, args: argparse.Namespace) -> None:
     """The command line the kernel will get (with this host's workarounds and a
     `-- CMD`) must fit Linux's COMMAND_LINE_SIZE: refused here (exit 2, naming
     what makes it long), not later as a setup error or cut by the kernel."""
-    from microvmm.hostinfo import detect_host_kind, host_quirks
+    from microvmm.host.hostinfo import detect_host_kind, host_quirks
     from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
     quirks = host_quirks(*detect_host_kind(), enabled=not args.no_host_workarounds)
     full = kernel_cmdline(cmdline, quirks.cmdline_additions, args.command, kaslr=args.kaslr)
@@ -364,7 +364,7 @@ def _modules_from_args(args: argparse.Namespace, kernel: Path, initrd: Path | No
 
     The console modules are required when the guest must have virtio ports
     (console ports or `-- CMD`); otherwise those missing are left out."""
-    from microvmm.guestmodules import ModulesError, check_kernel_release, find_module_tree, resolve_modules
+    from microvmm.initramfs.guestmodules import ModulesError, check_kernel_release, find_module_tree, resolve_modules
     if initrd is None:
         raise UsageError("--modules needs an initramfs to add them to (not --initrd none)")
     try:
@@ -387,7 +387,7 @@ DEFAULT_GUEST_MOUNTS = frozenset({"dev", "proc", "sys", "tmp", "run"})
 def _added_files_from_args(args: argparse.Namespace) -> tuple:
     """--add HOST[:GUEST]...: every host path walked and checked now (exists,
     readable, a file, directory or symlink; GUEST absolute, no '..')."""
-    from microvmm.guestfiles import AddError, plan_added_files
+    from microvmm.initramfs.guestfiles import AddError, plan_added_files
     try:
         entries = plan_added_files(args.add)
     except AddError as err:
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             format="microvmm: %(levelname)s: %(message)s" if args.verbose else "microvmm: %(message)s",
             stream=sys.stderr)
         if args.command_name == "check-config":
-            from microvmm.kconfig_check import ConfigFileError, report
+            from microvmm.diag.kconfig_check import ConfigFileError, report
             try:
                 text, status = report(args.config)
             except ConfigFileError as err:
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             from microvmm.control.client import ctl_main
             return ctl_main(args)
         if args.command_name == "check-host":
-            from microvmm.hostinfo import check_kvm_device, detect_host_kind, host_quirks
+            from microvmm.host.hostinfo import check_kvm_device, detect_host_kind, host_quirks
             kind, reason = detect_host_kind()
             device = check_kvm_device()
             print(f"{kind.value}: {reason}")

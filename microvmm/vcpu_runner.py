@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from microvmm.kvm import (ExitReason, InternalErrorSuberror, IoDirection, KvmExitDataError, MpState,
                           SystemEvent)
-from microvmm.osthread import set_os_thread_name
+from microvmm.host.osthread import set_os_thread_name
 
 if TYPE_CHECKING:
     from microvmm.diag.report import CpuSnapshot, LastSeen

@@ -13,7 +13,7 @@ from microvmm.vcpu_runner import DeviceGate, VcpuRunner, VcpuStop
 
 if TYPE_CHECKING:
     from microvmm.boot import BootInfo
-    from microvmm.hostinfo import HostQuirks
+    from microvmm.host.hostinfo import HostQuirks
     from microvmm.kvm import Vcpu, Vm
     from microvmm.memory import GuestMemory
 

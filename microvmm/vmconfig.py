@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from microvmm.hostinfo import merge_cmdline
-from microvmm.run_monitor import FailureLevel
+from microvmm.host.hostinfo import merge_cmdline
+from microvmm.run.monitor import FailureLevel
 
 if TYPE_CHECKING:
     from microvmm.devmgr.registry import DeviceRequest
-    from microvmm.guestfiles import AddedEntry
-    from microvmm.guestmodules import ModuleFile
+    from microvmm.initramfs.guestfiles import AddedEntry
+    from microvmm.initramfs.guestmodules import ModuleFile
     from microvmm.virtio_console.spec import PortSpec
 
 

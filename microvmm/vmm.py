@@ -19,8 +19,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from microvmm.exitcodes import ExitCode
-from microvmm.hostinfo import HostKind
+from microvmm.run.exitcodes import ExitCode
+from microvmm.host.hostinfo import HostKind
 from microvmm.run.command import COMMAND_FILE, command_script
 from microvmm.run.kernel_log import plan_kernel_console  # noqa: F401  (re-exported: the kernel console plan)
 from microvmm.run.serial_console import SerialConsole
@@ -191,7 +191,7 @@ class Vmm(RunSession):
         ioeventfds, the event loop. Its exits wait at the gate until this is done."""
         from microvmm.devices.pc import legacy_pc_devices
         from microvmm.eventloop import EventLoop
-        from microvmm.outputbatch import OutputBatcher
+        from microvmm.run.outputbatch import OutputBatcher
 
         self.loop = loop = EventLoop()
         self._closers.append(loop.close)
@@ -266,7 +266,7 @@ class Vmm(RunSession):
             from microvmm.control.vmmlink import start_control
             start_control(self, self.config.control)
         if self.config.profile:
-            from microvmm.profiler import GuestProfiler
+            from microvmm.diag.profiler import GuestProfiler
             self.profiler = GuestProfiler(self.runners, lambda: self.monitor.last_line, self.symbols,
                                           rate_hz=self.config.profile_rate)
             self.profiler.start()

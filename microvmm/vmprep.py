@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from microvmm.boot.bzimage import DecompressedBzImage
     from microvmm.boot.elf import LoadedElf
     from microvmm.boot.initrd import LoadedInitrd
-    from microvmm.guestfiles import AddedEntry
-    from microvmm.guestmodules import ModuleFile
+    from microvmm.initramfs.guestfiles import AddedEntry
+    from microvmm.initramfs.guestmodules import ModuleFile
     from microvmm.kvm import CpuidEntry, Kvm, Vm
     from microvmm.vmconfig import VmConfig
 
@@ -53,7 +53,7 @@ class VmPreparation:
     """
 
     def __init__(self, config: VmConfig):
-        from microvmm.hostinfo import detect_host_kind, host_quirks
+        from microvmm.host.hostinfo import detect_host_kind, host_quirks
         #: (HostKind, why) and the workarounds the run applies: the image thread needs them.
         self.host = detect_host_kind()
         self.quirks = host_quirks(*self.host, config.host_workarounds)
@@ -256,13 +256,13 @@ class ImageReader(HelperThread["tuple[LoadedElf | DecompressedBzImage | bytes, L
         kernel_path, initrd_path = self._paths
         appendix = b""
         if self._initrd_modules:
-            from microvmm.guestmodules import ModulesError, build_modules_archive
+            from microvmm.initramfs.guestmodules import ModulesError, build_modules_archive
             try:
                 appendix = build_modules_archive(list(self._initrd_modules))
             except ModulesError as err:
                 raise VmmError(str(err)) from err
         if self._added_files:
-            from microvmm.guestfiles import AddError, build_added_archive
+            from microvmm.initramfs.guestfiles import AddError, build_added_archive
             try:
                 appendix += build_added_archive(self._added_files)  # newc lengths are 4-byte multiples
             except AddError as err:

@@ -21,7 +21,7 @@ import pytest
 import microvmm.vmm
 from microvmm import cli
 from microvmm.cli import DEFAULT_CMDLINE, UsageError, parse_size
-from microvmm.exitcodes import ExitCode
+from microvmm.run.exitcodes import ExitCode
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -316,7 +316,7 @@ def test_a_size_in_bytes_says_why_it_is_refused():
 def test_a_guest_command_of_any_length_leaves_the_kernel_cmdline_alone(capsys, captured_config, kernel):
     """The command travels in the initramfs (vmm.COMMAND_FILE): a 64 KiB one is
     accepted, and only a short one is also put on the command line."""
-    from microvmm.hostinfo import HostKind, host_quirks
+    from microvmm.host.hostinfo import HostKind, host_quirks
     from microvmm.vmconfig import COMMAND_PARAM, COMMAND_PARAM_CMDLINE_LIMIT, kernel_cmdline
     additions = host_quirks(HostKind.EMULATING, "test").cmdline_additions
     status, err, _ = run_main(capsys, ["run", "--kernel", str(kernel), "--initrd", "none",
@@ -332,7 +332,7 @@ def test_every_command_line_we_build_fits_what_the_kernel_reads(capsys, captured
     """With the emulating host's workarounds (the longest additions) and a
     modest command, the full command line stays within COMMAND_LINE_SIZE, and
     clearcpuid's value within the 127 characters Linux 6.1 copies."""
-    from microvmm.hostinfo import CLEARCPUID_MAX_LENGTH, HostKind, host_quirks
+    from microvmm.host.hostinfo import CLEARCPUID_MAX_LENGTH, HostKind, host_quirks
     from microvmm.vmconfig import KERNEL_CMDLINE_MAX, kernel_cmdline
     additions = host_quirks(HostKind.EMULATING, "test").cmdline_additions
     for args in ([], ["--console", "@pty:p0"]):
@@ -365,8 +365,8 @@ def test_version_falls_back_to_pyproject(monkeypatch):
 
 
 def test_check_host_reports_the_kvm_device(monkeypatch, capsys):
-    from microvmm import hostinfo
-    from microvmm.hostinfo import KvmDeviceStatus
+    from microvmm.host import hostinfo
+    from microvmm.host.hostinfo import KvmDeviceStatus
     monkeypatch.setattr(hostinfo, "check_kvm_device",
                         lambda path="/dev/kvm": KvmDeviceStatus(path, False, "No such file or directory: load kvm"))
     status = cli.main(["check-host"])
@@ -376,7 +376,7 @@ def test_check_host_reports_the_kvm_device(monkeypatch, capsys):
 
 
 def test_check_host_opens_a_missing_device_and_says_so(tmp_path):
-    from microvmm.hostinfo import check_kvm_device
+    from microvmm.host.hostinfo import check_kvm_device
     missing = check_kvm_device(str(tmp_path / "kvm"))
     assert not missing.usable and "No such file" in missing.summary
     not_kvm = tmp_path / "plain"
@@ -392,7 +392,7 @@ def test_check_host_on_this_machine():
     assert "/dev/kvm: " in result.stdout
     if usable:
         assert "usable (KVM API version 12)" in result.stdout
-    from microvmm.hostinfo import HostKind, detect_host_kind
+    from microvmm.host.hostinfo import HostKind, detect_host_kind
     listed = result.stdout.split("host workarounds run applies: ", 1)[1]
     if detect_host_kind()[0] is HostKind.EMULATING:
         assert "\n  int3-as-bp: " in listed and "\n  cmdline: " in listed, result.stdout

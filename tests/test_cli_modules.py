@@ -11,7 +11,7 @@ import pytest
 
 import microvmm.vmm
 from microvmm import cli
-from microvmm.exitcodes import ExitCode
+from microvmm.run.exitcodes import ExitCode
 from microvmm.vmconfig import VmConfig
 from microvmm.vmconfig import kernel_cmdline
 from test_guestmodules import DEBIAN_DEP, VERSION, make_tree

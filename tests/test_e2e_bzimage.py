@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from microvmm.hostinfo import HostKind, detect_host_kind
+from microvmm.host.hostinfo import HostKind, detect_host_kind
 from tests.e2e_support import BOOT_TIMEOUT, GUEST_TEST_TIMEOUT, IMAGES, REPO, require_images, require_kvm
 
 # A guest boot and its commands; nothing may hang the run.

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from microvmm.hostinfo import EMULATING_HOST_HIDDEN_FEATURES, HostKind, detect_host_kind
+from microvmm.host.hostinfo import EMULATING_HOST_HIDDEN_FEATURES, HostKind, detect_host_kind
 from tests.e2e_support import GUEST_TEST_TIMEOUT, boot
 
 # A guest boot and its commands; nothing may hang the run.

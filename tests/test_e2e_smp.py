@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from microvmm.hostinfo import HostKind, detect_host_kind
+from microvmm.host.hostinfo import HostKind, detect_host_kind
 from tests.e2e_support import BOOT_TIMEOUT, IMAGES, REPO, require_images, require_kvm
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from microvmm.boot.payload import decompress_bzimage
-from microvmm.hostinfo import HostKind, detect_host_kind
+from microvmm.host.hostinfo import HostKind, detect_host_kind
 from tests.e2e_support import REPO, require_images, require_kvm
 from microvmm.testing import GuestProcess, GuestTimeout
 

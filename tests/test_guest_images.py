@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from microvmm import newc
+from microvmm.initramfs import newc
 from microvmm.guestbuild import GUEST_SOURCES as GUEST
 from microvmm.guestbuild import cache, errors, initramfs, kconfig, kernel, packages
 

@@ -16,9 +16,9 @@ import pytest
 
 import microvmm.vmm
 from microvmm import cli
-from microvmm.exitcodes import ExitCode
-from microvmm.guestfiles import AddError, build_added_archive, parse_add_spec, plan_added_files
-from microvmm.newc import EntryKind, read_newc
+from microvmm.run.exitcodes import ExitCode
+from microvmm.initramfs.guestfiles import AddError, build_added_archive, parse_add_spec, plan_added_files
+from microvmm.initramfs.newc import EntryKind, read_newc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,7 +215,7 @@ def _read_images(initrd: Path | None, **extra):
 
 
 def test_the_archive_follows_the_initrd_and_the_modules_in_guest_ram(tree, tmp_path):
-    from microvmm.guestmodules import build_modules_archive, find_module_tree, resolve_modules
+    from microvmm.initramfs.guestmodules import build_modules_archive, find_module_tree, resolve_modules
     from test_guestmodules import make_tree
     modules, _ = resolve_modules(find_module_tree(make_tree(tmp_path / "mods")))
     initrd = tmp_path / "initrd"

@@ -15,11 +15,11 @@ import pytest
 
 from microvmm.boot.initrd import append_archive, appended_offset, load_initrd_file
 from microvmm.boot.layout import MiB, guest_ram_layout
-from microvmm.guestmodules import (ARCHIVE_DIR, LIST_NAME, ModuleFile, ModulesError, build_modules_archive,
+from microvmm.initramfs.guestmodules import (ARCHIVE_DIR, LIST_NAME, ModuleFile, ModulesError, build_modules_archive,
                                    bzimage_kernel_release, check_kernel_release, find_module_tree,
                                    module_name, parse_modules_dep, read_module, resolve_modules)
 from microvmm.memory import GuestMemory
-from microvmm.newc import CpioArchive, EntryKind, read_newc
+from microvmm.initramfs.newc import CpioArchive, EntryKind, read_newc
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES_SH = REPO / "microvmm" / "guestbuild" / "guest" / "initramfs" / "lib" / "microvmm" / "modules.sh"

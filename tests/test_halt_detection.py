@@ -15,9 +15,9 @@ import time
 import pytest
 
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
-from microvmm.hostinfo import HostKind, host_quirks
+from microvmm.host.hostinfo import HostKind, host_quirks
 from microvmm.memory import GuestMemory
-from microvmm.run_monitor import RunMonitor
+from microvmm.run.monitor import RunMonitor
 from microvmm.vcpu_runner import VcpuRunner
 from tests.tiny_guest import RAM_SIZE, real_mode_guest
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from microvmm.boot.cpuid import KvmPvFeature
-from microvmm.hostinfo import (
+from microvmm.host.hostinfo import (
     CLEARCPUID_MAX_LENGTH,
     EMULATING_HOST_CLEARCPUID,
     EMULATING_HOST_CLEARCPUID_FEATURES,
@@ -213,7 +213,7 @@ def test_every_workaround_comes_from_one_row_of_the_quirk_table():
     """The table is the one place a workaround is declared: what an emulating
     host gets is exactly the rows that detect it, and each row's action is
     what ends up set."""
-    from microvmm.hostinfo import HOST_QUIRK_TABLE
+    from microvmm.host.hostinfo import HOST_QUIRK_TABLE
     quirks = host_quirks(HostKind.EMULATING, "kvm_pvm")
     assert quirks.applied == tuple(q for q in HOST_QUIRK_TABLE if HostKind.EMULATING in q.hosts)
     assert len({q.name for q in HOST_QUIRK_TABLE}) == len(HOST_QUIRK_TABLE)
@@ -226,7 +226,7 @@ def test_every_workaround_comes_from_one_row_of_the_quirk_table():
 
 
 def test_a_new_table_row_is_applied_and_a_bad_one_refused():
-    from microvmm.hostinfo import HOST_QUIRK_TABLE, HostQuirk
+    from microvmm.host.hostinfo import HOST_QUIRK_TABLE, HostQuirk
     extra = HostQuirk("test-option", frozenset({HostKind.EMULATING}),
                       (("cmdline_additions", ("test_option=1",)),), "a test option")
     quirks = host_quirks(HostKind.EMULATING, "x", table=HOST_QUIRK_TABLE + (extra,))

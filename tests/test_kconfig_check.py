@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from microvmm.kconfig_check import REQUIREMENTS, ConfigFileError, check, parse_config, report
+from microvmm.diag.kconfig_check import REQUIREMENTS, ConfigFileError, check, parse_config, report
 
 FULL = "\n".join(f"{req.option}=y" for req in REQUIREMENTS) + "\n# CONFIG_ACPI is not set\n"
 

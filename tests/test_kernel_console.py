@@ -13,7 +13,7 @@ from microvmm.boot.initrd import LoadedInitrd, command_archive, place_initrd, pr
 from microvmm.diag.kernel_log import (DIRECT_MAP_BASE, KERNEL_IMAGE_BASE, KernelLogCursor, KernelLogError,
                                       console_records, log_symbols, read_kernel_log)
 from microvmm.memory import GuestMemory
-from microvmm.run_monitor import KERNEL_LOG_PORT, SERIAL_PORT
+from microvmm.run.monitor import KERNEL_LOG_PORT, SERIAL_PORT
 from microvmm.virtio_console.spec import parse_port_spec
 from microvmm.vmconfig import VmConfig
 from microvmm.vmm import plan_kernel_console

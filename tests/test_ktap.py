@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microvmm.results import RunResult, write_json, write_junit
+from microvmm.run.results import RunResult, write_json, write_junit
 from microvmm.run.ktap import CaseStatus, KtapCollector, judge_outcome, parse_ktap
-from microvmm.run_monitor import RunMonitor
+from microvmm.run.monitor import RunMonitor
 
 
 def summary(text: str, **kwargs) -> list[tuple[str, str]]:

@@ -420,7 +420,7 @@ def test_hypercalls_complete_or_the_host_quirks_hide_the_features_using_them(mak
     vmcall), the host workarounds must keep Linux from making hypercalls:
     its SMP boot hung in the PV send-IPI hypercall."""
     from microvmm.boot.cpuid import KvmPvFeature
-    from microvmm.hostinfo import detect_host_kind, host_quirks
+    from microvmm.host.hostinfo import detect_host_kind, host_quirks
 
     # mov eax, KVM_HC_UNKNOWN (66 b8 imm32); vmcall (0f 01 c1); out 0x10, al
     code = bytes([0x66, 0xB8]) + KVM_HC_UNKNOWN.to_bytes(4, "little") + bytes([0x0F, 0x01, 0xC1])

@@ -3,7 +3,7 @@
 Each test starts the VMM on the real KVM and ends it a moment after the guest
 has started booting (a full boot takes about a minute on an emulating host and
 is not needed here). What is checked is what a user or a CI job sees: the exit
-status 128+N (microvmm/exitcodes.py), the terminal put back exactly as it was,
+status 128+N (microvmm/run/exitcodes.py), the terminal put back exactly as it was,
 no socket file left, no process left, and a second VMM that cannot take a
 running one's socket away.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from microvmm.exitcodes import signal_exit_code
+from microvmm.run.exitcodes import signal_exit_code
 from tests.e2e_support import GUEST_TEST_TIMEOUT, IMAGES, require_images, require_kvm, socket_path_in
 
 # A guest boot and its commands; nothing may hang the run.

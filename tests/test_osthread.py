@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from microvmm.osthread import COMM_MAX, set_os_thread_name
+from microvmm.host.osthread import COMM_MAX, set_os_thread_name
 
 
 def _named_in_thread(name: str) -> tuple[bool, str]:

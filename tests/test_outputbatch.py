@@ -8,7 +8,7 @@ import time
 import pytest
 
 from microvmm.eventloop import EventLoop
-from microvmm.outputbatch import OutputBatcher
+from microvmm.run.outputbatch import OutputBatcher
 
 
 class ManualScheduler:

@@ -1,7 +1,7 @@
 import threading
 
 from microvmm.diag.symbols import SymbolMap
-from microvmm.profiler import USER_SPACE, GuestProfiler
+from microvmm.diag.profiler import USER_SPACE, GuestProfiler
 
 SYMBOLS = SymbolMap([(0xFFFFFFFF81000000, "start_kernel"), (0xFFFFFFFF81001000, "default_idle"),
                      (0xFFFFFFFF81002000, "memcpy")])

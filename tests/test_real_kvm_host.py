@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from microvmm.hostinfo import HostKind, detect_host_kind, host_quirks
+from microvmm.host.hostinfo import HostKind, detect_host_kind, host_quirks
 from tests.e2e_support import BOOT_TIMEOUT, GUEST_TEST_TIMEOUT, IMAGES, require_images, require_kvm
 
 pytestmark = [

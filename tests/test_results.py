@@ -1,7 +1,7 @@
 import json
 import xml.etree.ElementTree as ET
 
-from microvmm.results import RunResult, write_json, write_junit
+from microvmm.run.results import RunResult, write_json, write_junit
 
 
 def _result(**kw):
@@ -42,7 +42,7 @@ def test_junit_boot_failure_and_pass(tmp_path):
 
 
 def test_json_has_schema_and_microvmm_version(tmp_path):
-    from microvmm.results import JSON_SCHEMA_VERSION
+    from microvmm.run.results import JSON_SCHEMA_VERSION
     path = tmp_path / "r.json"
     write_json(_result(microvmm_version="0.1.0"), str(path))
     data = json.loads(path.read_text())
@@ -63,7 +63,7 @@ def test_junit_setup_error_is_an_error_not_a_failure(tmp_path):
 
 
 def test_infrastructure_statuses():
-    from microvmm.results import is_infrastructure_error
+    from microvmm.run.results import is_infrastructure_error
     assert is_infrastructure_error(125) and is_infrastructure_error(143)
     for guest_status in (0, 1, 122, 123, 124, 126, 127):
         assert not is_infrastructure_error(guest_status)

@@ -1,7 +1,7 @@
 import io
 import re
 
-from microvmm.run_monitor import KERNEL_LOG_PORT, Failure, FailureLevel, KernelLogSources, RunMonitor
+from microvmm.run.monitor import KERNEL_LOG_PORT, Failure, FailureLevel, KernelLogSources, RunMonitor
 
 # The default guest's arrangement: the kernel's log on a port of its own.
 KMSG = KernelLogSources(dedicated=KERNEL_LOG_PORT)
@@ -81,7 +81,7 @@ def test_last_output_tracks_activity():
 def test_every_failure_pattern_passes_the_keyword_prefilter():
     # feed() skips the regexes unless a chunk holds one of these words: a
     # pattern branch without a word would never fire.
-    from microvmm.run_monitor import _FAILURE_WORDS, FAILURE_PATTERNS
+    from microvmm.run.monitor import _FAILURE_WORDS, FAILURE_PATTERNS
     samples = [b"Kernel panic - not syncing: x", b"Oops: 0000 [#1]", b"Oops - bad mode",
                b"BUG: kernel NULL pointer dereference", b"general protection fault, probably",
                b"BUG: KASAN: use-after-free", b"BUG: KCSAN: data-race", b"BUG: KFENCE: out-of-bounds",

@@ -1,4 +1,4 @@
-"""microvmm.seccomp: the opt-in system call filter, installed in child processes
+"""microvmm.host.seccomp: the opt-in system call filter, installed in child processes
 (a filter cannot be removed), checked by what the kernel then allows and refuses."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from microvmm import seccomp
-from microvmm.seccomp import ALLOWED_SYSCALLS, SYSCALL_NUMBERS, FilterAction, SeccompError, build_filter
+from microvmm.host import seccomp
+from microvmm.host.seccomp import ALLOWED_SYSCALLS, SYSCALL_NUMBERS, FilterAction, SeccompError, build_filter
 
 REPO = Path(__file__).resolve().parent.parent
 UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
@@ -29,7 +29,7 @@ def run_filtered(body: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run Python code in a child; it prints one 'name: result' line per check."""
     code = textwrap.dedent("""
         import ctypes, errno, os, socket, sys, threading
-        from microvmm import seccomp
+        from microvmm.host import seccomp
 
         def check(name, function):
             try:
@@ -172,7 +172,8 @@ def test_filter_covers_threads_started_before_install():
 
 VMM_UNDER_FILTER = """
 import sys
-from microvmm import seccomp, vmm
+from microvmm import vmm
+from microvmm.host import seccomp
 action = seccomp.FilterAction(sys.argv.pop(1))
 original_wait = vmm.Vmm._wait
 def filtered_wait(self):

@@ -49,7 +49,7 @@ def test_an_existing_log_is_kept_after_a_setup_error(tmp_path):
 
 
 def test_results_hold_rounded_durations_and_an_absolute_log(tmp_path, monkeypatch):
-    from microvmm.exitcodes import ExitCode
+    from microvmm.run.exitcodes import ExitCode
     from microvmm.vmconfig import VmConfig
     from microvmm.run.outcome import VmOutcome
     from microvmm.run.results_files import write_results as _write_results

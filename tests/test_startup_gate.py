@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
-from microvmm.exitcodes import ExitCode
-from microvmm.hostinfo import HostKind, host_quirks
+from microvmm.run.exitcodes import ExitCode
+from microvmm.host.hostinfo import HostKind, host_quirks
 from microvmm.vcpu_runner import DeviceGate, StopReason, VcpuRunner, VcpuStop
 from tests.e2e_support import IMAGES
 from tests.tiny_guest import real_mode_guest

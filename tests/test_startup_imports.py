@@ -28,16 +28,16 @@ NOT_AT_STARTUP = (
     "capstone",                         # instruction decoding in diagnostics
     "microvmm.diag.report",             # vCPU snapshots: faults, SIGUSR1, timeouts
     "microvmm.diag.symbols",            # System.map: diagnostics and --profile
-    "microvmm.profiler",                # --profile
-    "microvmm.results",                 # --json / --junit, written at exit
-    "microvmm.seccomp",                 # --seccomp, installed after the vCPUs start
-    "microvmm.kconfig_check",           # check-config
+    "microvmm.diag.profiler",                # --profile
+    "microvmm.run.results",                 # --json / --junit, written at exit
+    "microvmm.host.seccomp",                 # --seccomp, installed after the vCPUs start
+    "microvmm.diag.kconfig_check",           # check-config
     "microvmm.virtio_console.device",   # built after the first KVM_RUN (ports, -- CMD, the kernel's log port)
     "microvmm.virtio_console.backends",
     "microvmm.virtio.queue",
     "socket",                           # socket console backends
     "shlex",                            # quoting a `-- CMD` for the kernel command line
-    "microvmm.terminal",                # raw mode and Ctrl-A escapes: serial input, console ports
+    "microvmm.host.terminal",                # raw mode and Ctrl-A escapes: serial input, console ports
     "termios",
     "microvmm.kvm.events",              # vCPU events: #BP injection and diagnostics of a running guest
     "microvmm.boot.payload",            # a bzImage's payload decoders: bzImage boots only
@@ -45,7 +45,7 @@ NOT_AT_STARTUP = (
 
 #: The modules the CLI and the VMM import to get to the first KVM_RUN.
 STARTUP_IMPORTS = ("microvmm.cli", "microvmm.vmm", "microvmm.vmprep", "microvmm.virtio_console.spec", "microvmm.boot",
-                   "microvmm.vmconfig", "microvmm.run_monitor", "microvmm.devices", "microvmm.eventloop",
+                   "microvmm.vmconfig", "microvmm.run.monitor", "microvmm.devices", "microvmm.eventloop",
                    "microvmm.pci.bus", "microvmm.memory", "microvmm.kvm", "microvmm.vcpu_runner")
 
 

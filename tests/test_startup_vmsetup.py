@@ -19,7 +19,7 @@ from microvmm.boot import guest_ram_layout
 from microvmm.boot.elf import LoadedElf
 from microvmm.boot.errors import ElfError, InitrdError
 from microvmm.boot.initrd import SYNTHETIC_INITRD_ADDR_MAX, LoadedInitrd, place_initrd
-from microvmm.exitcodes import ExitCode
+from microvmm.run.exitcodes import ExitCode
 from microvmm.kvm import Kvm, KvmError, KvmUnavailableError
 from microvmm.memory import GuestMemory
 from microvmm.vmconfig import VmConfig

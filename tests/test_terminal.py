@@ -8,7 +8,7 @@ import termios
 
 import pytest
 
-from microvmm.terminal import ESCAPE_CHAR, ESCAPE_HELP, EscapeFilter, RawTerminal
+from microvmm.host.terminal import ESCAPE_CHAR, ESCAPE_HELP, EscapeFilter, RawTerminal
 
 CTRL_A = bytes([ESCAPE_CHAR])
 

@@ -20,7 +20,7 @@ import pytest
 
 from microvmm.devices.bus import PIO_ADDRESS_LIMIT, Bus
 from microvmm.diag.report import LastSeen, format_last_seen, format_snapshot
-from microvmm.hostinfo import HostKind, host_quirks
+from microvmm.host.hostinfo import HostKind, host_quirks
 from microvmm.kvm import KVM_SYNC_X86_REGS, Cap, ExitReason, IoDirection, IoExit, Kvm, Regs
 from microvmm.memory import GuestMemory
 from microvmm.vcpu_runner import StopReason, VcpuRunner, VcpuStop

@@ -97,7 +97,7 @@ def load_initrd_bytes(mem, data: bytes, kernel_end: int,
 def command_archive(name: str, data: bytes) -> bytes:
     """A cpio archive holding the one file /NAME (0600): what Linux unpacks
     into the initramfs along with the initrd it is put in front of."""
-    from microvmm.newc import CpioEntry, EntryKind, write_newc  # deferred: only `-- CMD` runs
+    from microvmm.initramfs.newc import CpioEntry, EntryKind, write_newc  # deferred: only `-- CMD` runs
     return write_newc([CpioEntry(name, EntryKind.FILE, 0o600, data)])
 
 

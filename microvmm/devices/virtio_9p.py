@@ -226,7 +226,7 @@ class VirtioNineP(VirtioDevice):
     # ---- the worker thread -------------------------------------------------------------
 
     def _serve(self) -> None:
-        from microvmm.osthread import set_os_thread_name
+        from microvmm.host.osthread import set_os_thread_name
         set_os_thread_name(f"9p-{self.tag}")
         while True:
             with self._lock:

@@ -29,7 +29,7 @@ from microvmm.guestbuild.kernel import build_kernel, configure_kernel, kernel_tr
 from microvmm.guestbuild.packages import (BUSYBOX_BINARY, BUSYBOX_PACKAGE, KERNEL_SOURCE_PACKAGE,
                                           KERNEL_SOURCE_TARBALL, REQUIRED_PACKAGES, compiler_version,
                                           ensure_packages, package_version)
-from microvmm.newc import read_newc
+from microvmm.initramfs.newc import read_newc
 
 logger = logging.getLogger("microvmm.guestbuild")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from microvmm.guestbuild.errors import GuestBuildError
-from microvmm.newc import CpioArchive
+from microvmm.initramfs.newc import CpioArchive
 
 
 # Directories of the root file system; permissions are the mode to create them with.

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from microvmm.hostinfo import HostKind, emulated_smp_note
+from microvmm.host.hostinfo import HostKind, emulated_smp_note
 
 logger = logging.getLogger(__name__)
 

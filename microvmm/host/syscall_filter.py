@@ -17,7 +17,7 @@ class SyscallFilterError(Exception):
 
 def install_run_filter(config: "VmConfig") -> None:
     """Install the opt-in syscall filter on every thread of the process."""
-    from microvmm.seccomp import FilterAction, SeccompError, install_filter
+    from microvmm.host.seccomp import FilterAction, SeccompError, install_filter
     # A socket client (a port or the serial console) reconnects.
     client = config.serial.socket_mode == "client" or any(
         p.backend.value == "socket" and p.socket_mode is not None and p.socket_mode.value == "client"

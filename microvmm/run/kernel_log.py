@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from microvmm.guest_contract import KMSG_PORT  # noqa: F401  (the kernel's log port: KernelConsolePlan)
-from microvmm.run_monitor import KERNEL_LINE_FORM, KERNEL_LOG_PORT, SERIAL_PORT, KernelLogSources
+from microvmm.run.monitor import KERNEL_LINE_FORM, KERNEL_LOG_PORT, SERIAL_PORT, KernelLogSources
 
 if TYPE_CHECKING:
     from microvmm.eventloop import EventLoop

@@ -10,8 +10,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Callable
 
-from microvmm.exitcodes import ExitCode, signal_exit_code
-from microvmm.run_monitor import Failure
+from microvmm.run.exitcodes import ExitCode, signal_exit_code
+from microvmm.run.monitor import Failure
 from microvmm.vcpu_runner import StopReason, VcpuStop
 
 

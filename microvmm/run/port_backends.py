@@ -17,7 +17,7 @@ def open_port_backends(specs: Sequence["PortSpec"], on_escape: Callable[[list[st
     caller closes them at the end, also after a later one failed). A stdio
     port's input passes the Ctrl-A escape filter: `on_escape(commands)`.
     Raises virtio_console.BackendError."""
-    from microvmm.terminal import EscapeFilter  # deferred: termios, only with console ports
+    from microvmm.host.terminal import EscapeFilter  # deferred: termios, only with console ports
     from microvmm.virtio_console import create_backend
     escape = EscapeFilter()
 

@@ -1,4 +1,4 @@
-"""--json / --junit: a run's result written at its end (microvmm/results.py
+"""--json / --junit: a run's result written at its end (microvmm/run/results.py
 has the formats)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from microvmm.run.outcome import VmOutcome
-    from microvmm.run_monitor import RunMonitor
+    from microvmm.run.monitor import RunMonitor
     from microvmm.vmconfig import VmConfig
 
 
@@ -29,7 +29,7 @@ def write_results(config: "VmConfig", run: FinishedRun | None, outcome: "VmOutco
     command's own exit status beside the verdict's."""
     from dataclasses import asdict
 
-    from microvmm.results import RunResult, is_infrastructure_error, write_json, write_junit
+    from microvmm.run.results import RunResult, is_infrastructure_error, write_json, write_junit
 
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None else round(seconds, 3)

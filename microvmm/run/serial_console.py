@@ -229,7 +229,7 @@ class SerialConsole:
             return None
         self._interactive = backend.interactive
         if backend.interactive:
-            from microvmm.terminal import ESCAPE_HELP, EscapeFilter
+            from microvmm.host.terminal import ESCAPE_HELP, EscapeFilter
             escape = EscapeFilter()
 
             def filter_escapes(data: bytes) -> bytes:

@@ -23,7 +23,7 @@ from microvmm.run.created_files import CreatedFiles
 from microvmm.run.halt import HaltConfirmation
 from microvmm.run.kernel_log import KMSG_PORT, SERIAL_CONSOLE_CMDLINE, KernelConsolePlan, KernelLog
 from microvmm.run.serial_console import SerialConsole, SerialConsoleError
-from microvmm.run_monitor import Failure, RunMonitor
+from microvmm.run.monitor import Failure, RunMonitor
 from microvmm.vcpu_runner import KICK_SIGNAL, StopReason, VcpuRunner, VcpuStop
 from microvmm.vmprep import VmmError
 
@@ -190,13 +190,13 @@ class RunSession:
             if command == "quit":
                 self._request_stop(VcpuStop(StopReason.SHUTDOWN, "user quit (Ctrl-A x)", fatal=False))
             elif command == "help":
-                from microvmm.terminal import ESCAPE_HELP
+                from microvmm.host.terminal import ESCAPE_HELP
                 self.diagnostics.print(ESCAPE_HELP)
 
     def _stdio_input_filter(self):
         """What a stdio console port reads from the VMM's terminal passes here:
         Ctrl-A commands are taken out (as on the serial console)."""
-        from microvmm.terminal import EscapeFilter  # deferred: termios, only with console ports
+        from microvmm.host.terminal import EscapeFilter  # deferred: termios, only with console ports
         escape = EscapeFilter()
 
         def stdio_filter(data: bytes) -> bytes:

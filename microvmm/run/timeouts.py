@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from microvmm.run_monitor import RunMonitor
+    from microvmm.run.monitor import RunMonitor
     from microvmm.vmconfig import VmConfig
 
 

@@ -12,7 +12,7 @@ import termios
 import tty
 from typing import Callable, Sequence, TextIO
 
-from microvmm.terminal import RawTerminal
+from microvmm.host.terminal import RawTerminal
 from microvmm.virtio_console.backends.base import (DEFAULT_MONITOR_INTERVAL, FD_GONE, BackendError, PortBackend,
                                                    TerminalSize, logger, read_fd, read_terminal_size, writev_fd)
 from microvmm.virtio_console.spec import BackendKind

@@ -162,7 +162,7 @@ def syscall_number(name: str) -> int:
     try:
         return SYSCALL_NUMBERS[name]
     except KeyError:
-        raise SeccompError(f"unknown system call {name!r} (not in microvmm.seccomp.SYSCALL_NUMBERS)") from None
+        raise SeccompError(f"unknown system call {name!r} (not in microvmm.host.seccomp.SYSCALL_NUMBERS)") from None
 
 
 def build_filter(allowed: Iterable[str] = ALLOWED_SYSCALLS, action: FilterAction = FilterAction.ERRNO,

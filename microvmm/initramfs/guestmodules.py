@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from microvmm.newc import CpioArchive
+from microvmm.initramfs.newc import CpioArchive
 
 #: What the default initramfs needs for its console and `-- CMD`: the virtio
 #: PCI transport and the console driver (/dev/hvcN, /dev/vportNpM). Their

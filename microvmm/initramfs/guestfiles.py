@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from microvmm.newc import FIXED_MTIME, CpioArchive, CpioEntry, EntryKind
+from microvmm.initramfs.newc import FIXED_MTIME, CpioArchive, CpioEntry, EntryKind
 
 #: The permission bits of parent directories that GUEST paths need.
 PARENT_DIRECTORY_MODE = 0o755

@@ -1,0 +1,1 @@
+"""Archives microvmm appends to a guest initramfs: the newc writer, --modules, --add."""
