@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .osthread import set_os_thread_name
+from microvmm.host.osthread import set_os_thread_name
 
 logger = logging.getLogger(__name__)
 
